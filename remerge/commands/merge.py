@@ -1,0 +1,39 @@
+"""`remerge merge RECIPE OUT_DIR`: a drop-in for `mergekit-yaml RECIPE OUT_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from remerge.engine import merge_model
+from remerge.plan import DEFAULT_SHARD_SIZE, parse_size
+from remerge.models import resolve_references
+from remerge.recipe import VERSIONS, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="mergekit YAML recipe")
+    p.add_argument("out_dir", type=Path, help="output model folder")
+    p.add_argument("--mergekit-version", choices=VERSIONS, default=None,
+                   help="whose semantics to follow (default: 0.1.5, or 0.0.5.1 for a recipe "
+                   "that lists a model twice)")
+    p.add_argument("--out-shard-size", default=str(DEFAULT_SHARD_SIZE),
+                   help="maximum bytes per output shard, e.g. 5B, 500M, 20K (default 5B)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE methods")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="where hub models are downloaded (default: ~/.cache/remerge/models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, version=args.mergekit_version)
+    log.info("%s merge of %d model(s), following mergekit %s", recipe.method.name,
+             len(recipe.inputs), recipe.version)
+    folders = resolve_references(recipe.inputs, args.models_dir)
+    plan = merge_model(recipe, folders, args.out_dir, parse_size(args.out_shard_size),
+                       threads=args.threads, seed=args.random_seed)
+    log.info("wrote %s: %d shard(s), %.1f MB", args.out_dir, len(plan.shards), plan.total_size / 1e6)
+    return 0

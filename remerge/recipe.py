@@ -1,0 +1,358 @@
+"""mergekit YAML recipes: parsing, validation and per-tensor parameter resolution.
+
+A recipe is taken verbatim (the text goes into `mergekit_config.yml` unchanged). We support
+the `models:` form with one merge method over whole models; anything else (slices, modules,
+tokenizer merging, LoRA references, methods we do not implement) is refused with a message,
+never approximated.
+
+Two mergekit versions give different bytes for some recipes (see
+`docs/ARCHITECTURE.md` and the reference notes). `Recipe.version` says whose semantics to
+follow: recipes that mergekit 0.1.5 accepts follow 0.1.5 unless told otherwise; a recipe that
+lists a model twice follows 0.0.5.1, which counted it once (0.1.5 refuses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from remerge.errors import RecipeError
+from remerge.methods import METHODS, MethodSpec
+
+log = logging.getLogger(__name__)
+
+VERSIONS = ("0.0.5.1", "0.1.5")
+LATEST = "0.1.5"
+DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32"}
+TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype"}
+# Keys mergekit knows that we refuse rather than approximate, with the reason.
+UNSUPPORTED_KEYS = {
+    "slices": "slices (layer ranges) are not supported; list whole models under `models:`",
+    "modules": "modules are not supported; list whole models under `models:`",
+    "tokenizer_source": "tokenizer merging is not supported (it permutes embeddings); remove "
+    "`tokenizer_source` to copy the base model's tokenizer as mergekit does by default",
+    "tokenizer": "tokenizer merging is not supported; remove the `tokenizer:` section",
+    "chat_template": "`chat_template` is not supported; transplant the instruct model's "
+    "tokenizer_config.json instead (the workflow's `transplant_from`)",
+}
+
+# A parameter value as written: scalar, gradient list, or list of {filter, value} entries.
+Setting = Any
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One entry of `models:`: a model reference and its own parameter settings."""
+
+    model: str
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    text: str  # the YAML exactly as given
+    method: MethodSpec
+    entries: tuple[ModelEntry, ...]  # as listed, duplicates kept
+    base_model: str | None
+    parameters: Mapping[str, Setting]
+    dtype: str | None
+    out_dtype: str | None
+    version: str  # mergekit semantics to follow: one of VERSIONS
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Distinct models in recipe order, the base last if it is not listed (mergekit's order)."""
+        refs = list(dict.fromkeys(e.model for e in self.entries))
+        if self.base_model is not None and self.base_model not in refs:
+            refs.append(self.base_model)
+        return tuple(refs)
+
+    @property
+    def duplicates(self) -> tuple[str, ...]:
+        seen: set[str] = set()
+        dups = [e.model for e in self.entries if e.model in seen or seen.add(e.model)]
+        return tuple(dict.fromkeys(dups))
+
+    @property
+    def mergers(self) -> tuple[str, ...]:
+        """The models whose tensors are merged onto the base (all inputs for `linear`)."""
+        if self.method.needs_base:
+            return tuple(m for m in self.inputs if m != self.base_model)
+        return self.inputs
+
+    def with_references(self, mapping: Mapping[str, str]) -> "Recipe":
+        """The same recipe with model references renamed (e.g. config names -> hub ids)."""
+        data = yaml.safe_load(self.text)
+        rename = lambda ref: mapping.get(ref, ref)  # noqa: E731
+        for entry in data["models"]:
+            entry["model"] = rename(entry["model"])
+        if data.get("base_model") is not None:
+            data["base_model"] = rename(data["base_model"])
+        return parse_recipe(dump_recipe(data), version=self.version)
+
+
+def dump_recipe(data: Mapping[str, Any]) -> str:
+    """YAML text of a recipe, keys in the order given (for generated recipes)."""
+    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=None)
+
+
+def load_recipe(path: str | Path, version: str | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from err
+    try:
+        return parse_recipe(text, version=version)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def parse_recipe(text: str, version: str | None = None) -> Recipe:
+    """Parse and validate a mergekit recipe; `version` forces whose semantics to follow."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping with `models`, `merge_method`, ...")
+    _check_keys(data)
+    method = _method(data.get("merge_method"))
+    entries = tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
+    base = _reference(data.get("base_model"), "base_model") if data.get("base_model") else None
+    if method.needs_base and base is None:
+        raise RecipeError(f"merge_method {method.name} needs `base_model`")
+    recipe = Recipe(
+        text=text,
+        method=method,
+        entries=entries,
+        base_model=base,
+        parameters=_parameters(data.get("parameters"), "parameters"),
+        dtype=_dtype(data.get("dtype"), "dtype"),
+        out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
+        version=LATEST,
+    )
+    recipe = _with_version(recipe, version)
+    _check_parameter_names(recipe)
+    if not recipe.mergers:
+        raise RecipeError("the recipe merges nothing: list at least one model besides the base")
+    return recipe
+
+
+def _check_keys(data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            raise RecipeError(f"`{key}`: {UNSUPPORTED_KEYS[key]}")
+        if key not in TOP_LEVEL_KEYS:
+            allowed = ", ".join(sorted(TOP_LEVEL_KEYS))
+            raise RecipeError(f"unknown key `{key}` (allowed: {allowed})")
+    if "models" not in data:
+        raise RecipeError("missing `models:` (the list of models to merge)")
+
+
+def _method(name: Any) -> MethodSpec:
+    if name not in METHODS:
+        allowed = ", ".join(METHODS)
+        raise RecipeError(f"merge_method `{name}` is not supported (supported: {allowed})")
+    return METHODS[name]
+
+
+def _models_list(data: Mapping[str, Any]) -> list[Any]:
+    models = data["models"]
+    if not isinstance(models, list) or not models:
+        raise RecipeError("`models:` must be a non-empty list of `- model: ...` entries")
+    return models
+
+
+def _entry(index: int, raw: Any) -> ModelEntry:
+    where = f"models[{index}]"
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise RecipeError(f"{where} must be a mapping with a `model:` key")
+    unknown = set(raw) - {"model", "parameters"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: model, parameters)")
+    model = _reference(raw["model"], f"{where}.model")
+    return ModelEntry(model=model, parameters=_parameters(raw.get("parameters"), where))
+
+
+_REF_RE = re.compile(r"^[^\s+]+$")
+
+
+def _reference(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where} must be a model reference (a local folder or a hub id)")
+    if "+" in value:
+        raise RecipeError(f"{where}: LoRA references (`model+lora`) are not supported: {value!r}")
+    if not _REF_RE.match(value):
+        raise RecipeError(f"{where}: not a model reference: {value!r}")
+    return value
+
+
+def _parameters(raw: Any, where: str) -> dict[str, Setting]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}.parameters must be a mapping of name: value")
+    for name, setting in raw.items():
+        _check_setting(setting, f"{where}.parameters.{name}")
+    return dict(raw)
+
+
+def _check_setting(setting: Setting, where: str) -> None:
+    if isinstance(setting, (bool, int, float)):
+        return
+    if isinstance(setting, list) and setting:
+        if all(isinstance(v, (bool, int, float)) for v in setting):
+            return  # a gradient over the layers
+        if all(isinstance(v, dict) for v in setting):
+            for i, cond in enumerate(setting):
+                if "value" not in cond or set(cond) - {"filter", "value"}:
+                    raise RecipeError(f"{where}[{i}] must be {{filter: ..., value: ...}}")
+                _check_setting(cond["value"], f"{where}[{i}].value")
+            return
+    if isinstance(setting, dict) and "value" in setting and not set(setting) - {"filter", "value"}:
+        _check_setting(setting["value"], f"{where}.value")
+        return
+    raise RecipeError(
+        f"{where}: {setting!r} is not a number, a gradient list of numbers, "
+        "or a list of {filter, value} entries"
+    )
+
+
+def _dtype(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise RecipeError(f"{key} `{value}` is not supported (allowed: {', '.join(DTYPES)})")
+    return name
+
+
+def _with_version(recipe: Recipe, version: str | None) -> Recipe:
+    from dataclasses import replace
+
+    if version is not None and version not in VERSIONS:
+        raise RecipeError(f"mergekit version `{version}` is not supported (allowed: {', '.join(VERSIONS)})")
+    if recipe.duplicates:
+        names = ", ".join(recipe.duplicates)
+        if version == "0.1.5":
+            raise RecipeError(
+                f"model(s) listed twice: {names}. mergekit 0.1.5 refuses such a recipe "
+                "('Duplicate merge inputs'); follow mergekit 0.0.5.1 instead, which counted "
+                "the model once (--mergekit-version 0.0.5.1)"
+            )
+        log.warning(
+            "model(s) listed twice: %s. Following mergekit <= 0.1.4 (0.0.5.1): counted once, "
+            "with the first entry's parameters. Newer mergekit (0.1.5) refuses this recipe.",
+            names,
+        )
+        version = "0.0.5.1"
+    return replace(recipe, version=version or LATEST)
+
+
+def _check_parameter_names(recipe: Recipe) -> None:
+    allowed = recipe.method.parameter_names(recipe.version)
+    places: list[tuple[str, Mapping[str, Setting]]] = [("parameters", recipe.parameters)]
+    places += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)]
+    for where, params in places:
+        for name in params:
+            if name in recipe.method.ignored_parameters(recipe.version):
+                log.warning(
+                    "%s.%s is ignored by %s in mergekit %s (following it for exact bytes)",
+                    where, name, recipe.method.name, recipe.version,
+                )
+            elif name not in allowed:
+                raise RecipeError(
+                    f"{where}: unknown parameter `{name}` for {recipe.method.name} "
+                    f"(allowed: {', '.join(sorted(allowed))})"
+                )
+
+
+# --- per-tensor resolution ------------------------------------------------------------------
+
+
+def evaluate_setting(setting: Setting, tensor: str, t: float) -> Any:
+    """The value of one setting for one tensor at layer position `t` in [0, 1], or None.
+
+    Filters: the first entry whose filter is absent, "*" or a substring of the tensor name.
+    Gradients: linear interpolation between neighbouring values, as mergekit computes it
+    (Python floats: `(1 - frac) * v[i0] + frac * v[i1]`); booleans pick the nearest-below value.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float)):
+        return setting
+    if all(isinstance(v, dict) for v in setting):
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or flt in tensor:
+                return evaluate_setting(cond["value"], tensor, t)
+        return None
+    if any(isinstance(v, bool) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def resolve(recipe: Recipe, name: str, tensor: str, t: float, model: str | None = None) -> Any:
+    """A parameter's value for a tensor: the model's own entries, then global, then default.
+
+    For a model listed more than once, the first of its entries that sets the parameter wins
+    (mergekit <= 0.1.4).
+    """
+    sources: list[Mapping[str, Setting]] = []
+    if model is not None:
+        sources += [e.parameters for e in recipe.entries if e.model == model]
+    sources.append(recipe.parameters)
+    for params in sources:
+        if name in params:
+            value = evaluate_setting(params[name], tensor, t)
+            if value is not None:
+                return value
+    return recipe.method.default(name)
+
+
+def check_value(name: str, value: Any, tensor: str, model: str | None) -> Any:
+    """Validate a resolved value (density in (0, 1], weight a number, flags booleans)."""
+    where = f"`{name}` for tensor {tensor}" + (f" of model {model}" if model else "")
+    if value is None:
+        raise RecipeError(f"missing {where}: set it in the model's `parameters` or globally")
+    if name in ("normalize", "int8_mask", "rescale"):
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{where} must be a number, not {value!r}")
+    value = float(value)
+    if name == "density" and not 0 < value <= 1:
+        raise RecipeError(f"{where} is {value:g}; density must be in (0, 1]")
+    if name == "gamma" and not 0 <= value < 1:
+        raise RecipeError(f"{where} is {value:g}; gamma must be in [0, 1)")
+    return value
+
+
+def tensor_parameters(
+    recipe: Recipe, tensor: str, t: float, models: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Shared and per-model parameters of one tensor, resolved and validated."""
+    method = recipe.method
+    shared = {
+        p: check_value(p, resolve(recipe, p, tensor, t), tensor, None)
+        for p in method.shared_parameters(recipe.version)
+    }
+    per_model = {
+        m: {
+            p: check_value(p, resolve(recipe, p, tensor, t, m), tensor, m)
+            for p in method.model_parameters
+        }
+        for m in models
+    }
+    return shared, per_model

@@ -1,0 +1,288 @@
+"""Safetensors files: lazy reading of model folders, streaming atomic writing of shards.
+
+Reading: a model folder's tensors are listed from its headers only (`model.safetensors.index.json`
+or the `*.safetensors` files); a tensor is read when asked for (`safe_open`), so a shard job
+holds one tensor per input at a time. Every header is checked up front (length, JSON, dtypes,
+offsets within the file) so that a truncated or garbage shard fails with its file named
+before any work is done.
+
+Writing: the header of an output shard is known from the plan (names, dtypes, shapes), so
+`ShardWriter` writes it first and then each tensor at its offset, in any order; the file
+appears under its final name only when complete (temporary name + `os.replace`). The bytes
+equal those of `safetensors.torch.save_file(tensors, path, metadata)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from remerge.errors import ModelError
+from remerge.files import write_bytes_atomic  # noqa: F401  (re-exported)
+from remerge.layout import ELEMENT_SIZES, INDEX_NAME
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+# safetensors dtype names <-> torch dtypes, with element sizes
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}
+ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+TORCH_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
+
+
+def element_size(dtype: str) -> int:
+    return ELEMENT_SIZES[dtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from the file header alone."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ModelError(
+                    f"{path}: not a safetensors file or truncated (header of {n} bytes in a "
+                    f"file of {size}); download or copy it again"
+                )
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({err}); "
+                         "the file is damaged: download or copy it again") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data_size)
+    return header
+
+
+def _check_entry(path: Path, name: str, entry: dict, data_size: int) -> None:
+    try:
+        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path}: malformed header entry for tensor {name}") from None
+    if dtype not in DTYPES:
+        raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - start != numel * element_size(dtype) or end > data_size:
+        raise ModelError(
+            f"{path}: tensor {name} ends at byte {end} but the file holds {data_size} bytes "
+            "of data: the file is truncated or damaged; download or copy it again"
+        )
+
+
+class ModelFolder:
+    """The safetensors weights of one model folder, read lazily.
+
+    `label` names the model in messages (its recipe reference). Construction reads and
+    checks every header; `load(name)` reads one tensor.
+    """
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            for name, entry in read_header(file).items():
+                self.tensors[name] = TensorInfo(
+                    name, file, entry["dtype"], tuple(entry["shape"])
+                )
+        self._handles: dict[Path, object] = {}
+
+    def _weight_files(self) -> list[Path]:
+        if not self.path.is_dir():
+            raise ModelError(f"model {self.label}: folder {self.path} does not exist")
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            return self._indexed_files(index)
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in self.path.glob(pat))
+        if pickles:
+            raise ModelError(
+                f"model {self.label} ({self.path}) has only pickle weights ({', '.join(pickles)}). "
+                "remerge reads safetensors only: loading a pickle can execute arbitrary code. "
+                "Use a revision of the model that has .safetensors files, or convert it "
+                "yourself in a trusted sandbox (e.g. transformers' save_pretrained(..., "
+                "safe_serialization=True))."
+            )
+        raise ModelError(f"model {self.label}: no *.safetensors weights in {self.path}")
+
+    def _indexed_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"model {self.label}: unreadable index {index}: {err}") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (self.path / name).is_file():
+                raise ModelError(
+                    f"model {self.label}: {index} names shard {name}, which is missing from "
+                    f"{self.path}; download the model again"
+                )
+        return [self.path / name for name in files]
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelError(
+                f"tensor {name} is missing from model {self.label} ({self.path})"
+            ) from None
+
+    def load(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(str(info.file), framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types
+            raise ModelError(f"model {self.label}: cannot read tensor {name} from {info.file}: {err}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _alignment(dtype: str) -> int:
+    return element_size(dtype)
+
+
+def shard_layout(
+    tensors: Sequence[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes and data offsets of a shard, in the order safetensors writes them.
+
+    tensors: (name, safetensors dtype, shape). safetensors orders entries by alignment
+    (larger element size first), then by name; the JSON has no spaces and is padded with
+    spaces to a multiple of 8 bytes.
+    """
+    ordered = sorted(tensors, key=lambda t: (-_alignment(t[1]), t[0]))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in ordered:
+        numel = 1
+        for d in shape:
+            numel *= d
+        end = pos + numel * element_size(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, end]}
+        offsets[name] = (pos, end)
+        pos = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardWriter:
+    """Writes one safetensors shard tensor by tensor, atomically.
+
+    Usage: `with ShardWriter(path, layout) as w: w.write(name, tensor) ...`. On leaving the
+    block without error every tensor must have been written; the file is then flushed,
+    fsynced and renamed into place. On error the temporary file is removed.
+    """
+
+    def __init__(self, path: str | Path, tensors: Sequence[tuple[str, str, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None, digests: bool = False):
+        self.path = Path(path)
+        # sha256 of each tensor's bytes, when asked (for provenance)
+        self.digests: dict[str, str] | None = {} if digests else None
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.header, self.offsets = shard_layout(tensors, metadata)
+        self.expected = {name: (dtype, tuple(shape)) for name, dtype, shape in tensors}
+        self.written: set[str] = set()
+        self._file = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._file = open(self.tmp, "wb")
+        self._file.write(self.header)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.expected[name]
+        if ST_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"tensor {name}: computed {tensor.dtype} {tuple(tensor.shape)}, "
+                f"planned {dtype} {shape}"
+            )
+        start, _ = self.offsets[name]
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.seek(len(self.header) + start)
+        self._file.write(memoryview(data))
+        if self.digests is not None:
+            self.digests[name] = hashlib.sha256(memoryview(data)).hexdigest()
+        self.written.add(name)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        f, self._file = self._file, None
+        try:
+            if exc_type is None:
+                missing = sorted(set(self.expected) - self.written)
+                if missing:
+                    raise ValueError(f"{self.path}: tensors never written: {missing[:5]}")
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(self.tmp, self.path)
+        finally:
+            f.close()
+            self.tmp.unlink(missing_ok=True)  # nothing left after a successful rename
+        return False  # an error inside the block propagates
+
+
+def iter_tensors(folder: ModelFolder) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a folder, in sorted name order, one at a time."""
+    for name in sorted(folder.tensors):
+        yield name, folder.load(name)

@@ -1,0 +1,264 @@
+"""What the Snakemake workflow needs from a config, computed without Snakemake.
+
+- `validate_config`: JSON-Schema plus the checks a schema cannot express, failing with one
+  line that names the key and the allowed values.
+- grids: canonical value strings (so paths never hold float artefacts) and the rendered
+  mergekit recipe of every grid point, with config model names replaced by references.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from remerge.errors import RemergeError
+from remerge.layout import shard_names as _shard_names
+from remerge.recipe import VERSIONS, dump_recipe, parse_recipe
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model entry
+GLOBAL_GRID_KEYS = ("lambda",)  # set in the recipe's global parameters
+SINGLE_POINT = "single"
+DEMO_DIR = "results/demo"
+
+
+class ConfigError(RemergeError):
+    """A workflow config that would fail later: one line naming the key and the fix."""
+
+
+# --- schema --------------------------------------------------------------------------------
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def schema_message(error) -> str:
+    """One line for a jsonschema ValidationError: key, bad value, what is allowed."""
+    where = _path(error.absolute_path)
+    v, allowed = error.validator, error.validator_value
+    if v == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        return (f"unknown key `{extra[0] if extra else '?'}` in {where} "
+                f"(allowed: {', '.join(known)})")
+    if v == "enum":
+        return f"{where}: {error.instance!r} is not allowed (allowed: {', '.join(map(str, allowed))})"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"{where}: {error.instance!r} is out of range: {error.schema.get('description', v)}"
+    if v == "required":
+        return f"{where}: {error.message}"
+    if v == "pattern":
+        return f"{where}: {error.instance!r} is not allowed: {error.schema.get('description', '')}"
+    return f"{where}: {error.message}"
+
+
+def check_schema(config: Mapping[str, Any], schema_path: str | Path) -> None:
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"config error: {schema_message(error)}")
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def model_kind(entry: Mapping[str, Any]) -> str:
+    return next(k for k in ("demo", "path", "repo") if k in entry)
+
+
+def model_reference(name: str, entry: Mapping[str, Any]) -> str:
+    """How recipes and cards name the model: hub id, local path, or the demo folder."""
+    kind = model_kind(entry)
+    if kind == "demo":
+        return f"{DEMO_DIR}/{entry['demo']}"
+    return str(entry[kind])
+
+
+# --- merges and grids ----------------------------------------------------------------------
+
+
+def canonical(value: Any) -> str:
+    """The one spelling of a grid value in paths: repr of the float (0.5, 1.0, 0.30000001)."""
+    return repr(float(value))
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    name: str
+    recipe: dict  # the template, model names as in config `models:`
+    grid: dict[str, list[str]]  # key -> canonical values, in config order
+    transplant_from: str | None
+    mergekit_version: str | None
+    out_shard_size: str
+    evaluate: bool
+
+    @property
+    def points(self) -> list[dict[str, str]]:
+        """Every grid point as {key: canonical value} (one empty point without a grid)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*self.grid.values())]
+
+    def models(self) -> list[str]:
+        """Config model names the recipe uses, in recipe order, base last."""
+        names = [e["model"] for e in self.recipe["models"]]
+        if self.recipe.get("base_model"):
+            names.append(self.recipe["base_model"])
+        return list(dict.fromkeys(names))
+
+
+def merge_spec(name: str, entry: Mapping[str, Any]) -> MergeSpec:
+    recipe = entry["recipe"]
+    if isinstance(recipe, str):
+        recipe = yaml.safe_load(recipe)
+    grid = {k: [canonical(v) for v in vals] for k, vals in (entry.get("grid") or {}).items()}
+    return MergeSpec(
+        name=name, recipe=copy.deepcopy(recipe), grid=grid,
+        transplant_from=entry.get("transplant_from"),
+        mergekit_version=entry.get("mergekit_version"),
+        out_shard_size=str(entry.get("out_shard_size", "5B")),
+        evaluate=bool(entry.get("evaluate", True)),
+    )
+
+
+def render_recipe(spec: MergeSpec, models: Mapping[str, Mapping[str, Any]], point: Mapping[str, str]) -> str:
+    """The mergekit recipe of one grid point, with config names replaced by references."""
+    data = copy.deepcopy(spec.recipe)
+    base = data.get("base_model")
+    for key, value in point.items():
+        if key in GLOBAL_GRID_KEYS:
+            data.setdefault("parameters", {})[key] = float(value)
+            continue
+        for e in data["models"]:
+            if e["model"] != base:
+                e.setdefault("parameters", {})[key] = float(value)
+    for e in data["models"]:
+        e["model"] = model_reference(e["model"], models[e["model"]])
+    if base:
+        data["base_model"] = model_reference(base, models[base])
+    return dump_recipe(data)
+
+
+def shard_names(plan: Mapping[str, Any]) -> list[str]:
+    """Output shard file names from a plan's JSON (without importing torch)."""
+    return _shard_names(len(plan["shards"]), plan["version"])
+
+
+def point_name(point: Mapping[str, str]) -> str:
+    """The Paramspace-style directory of a point (`density~0.5/weight~1.0`), or `single`."""
+    return "/".join(f"{k}~{v}" for k, v in point.items()) or SINGLE_POINT
+
+
+# --- semantic checks -----------------------------------------------------------------------
+
+
+def check_config(config: Mapping[str, Any]) -> dict[str, MergeSpec]:
+    """Checks beyond the schema; returns the merges. Raises ConfigError (one line)."""
+    models = config.get("models") or {}
+    for name in models:
+        if not NAME_RE.match(name):
+            raise ConfigError(f"config error: models.{name}: names are letters, digits, _ . - "
+                              "(no slashes or leading dots)")
+        entry = models[name]
+        if "path" in entry and not Path(entry["path"]).is_dir():
+            raise ConfigError(f"config error: models.{name}.path: folder {entry['path']} does not exist")
+    merges = {}
+    for name, entry in (config.get("merges") or {}).items():
+        if not NAME_RE.match(name) or name in ("models", "demo", "references", "audits"):
+            raise ConfigError(f"config error: merges.{name}: not a usable merge name (letters, "
+                              "digits, _ . -; not models/demo/references/audits)")
+        spec = merge_spec(name, entry)
+        _check_merge(spec, models)
+        merges[name] = spec
+    return merges
+
+
+def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
+    where = f"merges.{spec.name}"
+    recipe = spec.recipe
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("models"), list):
+        raise ConfigError(f"config error: {where}.recipe must be a mergekit recipe with `models:`")
+    for ref in [e.get("model") if isinstance(e, dict) else None for e in recipe["models"]] + (
+        [recipe["base_model"]] if recipe.get("base_model") else []
+    ):
+        if ref not in models:
+            raise ConfigError(f"config error: {where}.recipe names model `{ref}`, which is not in "
+                              f"models: (known: {', '.join(models) or 'none'})")
+    if spec.transplant_from is not None and spec.transplant_from not in models:
+        raise ConfigError(f"config error: {where}.transplant_from: `{spec.transplant_from}` is not "
+                          f"in models: (known: {', '.join(models)})")
+    if spec.mergekit_version is not None and spec.mergekit_version not in VERSIONS:
+        raise ConfigError(f"config error: {where}.mergekit_version: {spec.mergekit_version!r} "
+                          f"(allowed: {', '.join(VERSIONS)})")
+    for point in spec.points:
+        try:
+            recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version)
+        except RemergeError as err:
+            raise ConfigError(f"config error: {where}.recipe: {err}") from None
+        _check_values(recipe_obj, where)
+
+
+def _numbers(setting: Any):
+    if isinstance(setting, bool):
+        return
+    if isinstance(setting, (int, float)):
+        yield setting
+    elif isinstance(setting, dict):
+        yield from _numbers(setting.get("value"))
+    elif isinstance(setting, list):
+        for s in setting:
+            yield from _numbers(s)
+
+
+def _check_values(recipe, where: str) -> None:
+    places = [("parameters", recipe.parameters)] + [
+        (f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)
+    ]
+    for place, params in places:
+        for v in _numbers(params.get("density")):
+            if not 0 < v <= 1:
+                raise ConfigError(f"config error: {where}.recipe.{place}.density: {v} is out of "
+                                  "range (allowed: 0 < density <= 1)")
+        for v in _numbers(params.get("weight")):
+            if v < 0:
+                raise ConfigError(f"config error: {where}.recipe.{place}.weight: {v} is negative "
+                                  "(allowed: weight >= 0)")
+
+
+# --- resources -----------------------------------------------------------------------------
+
+BASELINE_MB = 500  # python + torch + safetensors in a fresh process
+
+
+def shard_mem_mb(plan: Mapping[str, Any], shard: str, attempt: int = 1) -> int:
+    """Memory a merge_shard job needs: the working set of its largest tensor, plus baseline.
+
+    Per tensor: one copy per input in the compute dtype, the stacked task vectors and their
+    weighted copy (n each), a float32 magnitude + int64 argsort for sparsification, the mask
+    and the result. Grows by half with each retry (an OOM kill is retried larger).
+    """
+    index = shard_names(plan).index(shard)
+    tensors = {t["name"]: t for t in plan["tensors"]}
+    n = len(plan["models"])
+    width = {"bfloat16": 2, "float16": 2, "float32": 4}
+    largest = 0
+    for name in plan["shards"][index]:
+        t = tensors[name]
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        c = width.get(t["compute_dtype"], 4)
+        largest = max(largest, numel * (c * (3 * n + 3) + 4 + 8))
+    return int((BASELINE_MB + largest / 1e6) * (1 + 0.5 * (attempt - 1))) + 1

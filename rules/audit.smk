@@ -1,0 +1,1 @@
+# Audits of published merges: recover the recipe, re-merge, compare tensor by tensor.

@@ -1,0 +1,36 @@
+# The model card (README.md) and provenance.json of every merged model.
+
+
+rule write_model_card:
+    input:
+        tensors="results/{merge}/{point}/tensors.json",
+        configs="results/{merge}/{point}/configs.json",
+        recipe="results/{merge}/{point}/model/mergekit_config.yml",
+        manifests=merge_manifest_files,
+        scores=lambda wc: (
+            f"results/{wc.merge}/{wc.point}/scores.json" if MERGES[wc.merge].evaluate else []
+        ),
+    output:
+        card="results/{merge}/{point}/model/README.md",
+        provenance="results/{merge}/{point}/provenance.json",
+    params:
+        name=lambda wc: card_name(wc),
+        manifests=merge_manifests,
+        names=lambda wc: {
+            wf.model_reference(m, MODELS[m]): m for m in MERGES[wc.merge].models()
+        },
+        licenses=lambda wc: {
+            wf.model_reference(m, MODELS[m]): MODELS[m].get("license")
+            for m in MERGES[wc.merge].models()
+        },
+        version=lambda wc: MERGES[wc.merge].mergekit_version,
+        point=point_values,
+    resources:
+        mem_mb=500,
+        runtime=10,
+    log:
+        "logs/{merge}/{point}/write_model_card.log",
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/write_model_card.py"

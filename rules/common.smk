@@ -1,0 +1,185 @@
+# Config validation, the grid of every merge, and the input functions of all rules.
+import json
+import os
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import Paramspace, validate
+
+from remerge import workflow as wf
+
+try:
+    wf.check_schema(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+    validate(config, "../config/schema.yaml")  # fills the schema's defaults
+    MERGES = wf.check_config(config)
+except wf.ConfigError as err:
+    raise WorkflowError(str(err))
+
+MODELS = config["models"]
+EVAL = config["evaluation"]
+AUDITS = config.get("audits") or {}
+
+
+def paramspace(spec):
+    """The merge's grid as a Paramspace over canonical value strings (one wildcard `point`)."""
+    if not spec.grid:
+        return None
+    return Paramspace(pd.DataFrame(spec.points, dtype=str), single_wildcard="point")
+
+
+SPACES = {name: paramspace(spec) for name, spec in MERGES.items()}
+
+
+def points(merge):
+    """Directory names of the merge's grid points (`density~0.5/weight~1.0`, or `single`)."""
+    space = SPACES[merge]
+    return [wf.SINGLE_POINT] if space is None else list(space.instance_patterns)
+
+
+def point_values(wildcards):
+    space = SPACES[wildcards.merge]
+    if space is None:
+        return {}
+    return {k: str(v) for k, v in space.instance(wildcards).items()}
+
+
+wildcard_constraints:
+    merge="|".join(map(re.escape, MERGES)) or "^$",
+    point=r"single|[A-Za-z_]+~[^/]+(/[A-Za-z_]+~[^/]+)*",
+    model="|".join(map(re.escape, MODELS)),
+    shard=r"model(-\d{5}-of-\d{5})?",
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def manifest(model):
+    return f"results/models/{model}/manifest.json"
+
+
+def hub_models():
+    return [m for m, e in MODELS.items() if wf.model_kind(e) == "repo"]
+
+
+def local_models():
+    return [m for m, e in MODELS.items() if wf.model_kind(e) != "repo"]
+
+
+def demo_used():
+    return any(wf.model_kind(e) == "demo" for e in MODELS.values())
+
+
+def local_folder(wildcards):
+    entry = MODELS[wildcards.model]
+    return wf.model_reference(wildcards.model, entry)
+
+
+# --- merges ---------------------------------------------------------------------------------
+
+
+def recipe_text(wildcards):
+    """The mergekit recipe of one grid point (config names replaced by model references)."""
+    spec = MERGES[wildcards.merge]
+    return wf.render_recipe(spec, MODELS, point_values(wildcards))
+
+
+def plan_recipe_text(wildcards):
+    """The recipe the shard plan is made from: the first grid point's (layout is shared)."""
+    spec = MERGES[wildcards.merge]
+    return wf.render_recipe(spec, MODELS, spec.points[0])
+
+
+def merge_manifests(wildcards):
+    """{reference: manifest path} of every model the merge reads."""
+    spec = MERGES[wildcards.merge]
+    return {wf.model_reference(m, MODELS[m]): manifest(m) for m in spec.models()}
+
+
+def merge_manifest_files(wildcards):
+    return list(merge_manifests(wildcards).values())
+
+
+def shard_files(wildcards):
+    """The point's output shards, known once the merge's plan (a checkpoint) exists."""
+    plan = checkpoints.plan_merge.get(merge=wildcards.merge).output.plan
+    with open(plan) as f:
+        data = json.load(f)
+    names = wf.shard_names(data)
+    return [f"results/{wildcards.merge}/{wildcards.point}/model/{n}" for n in names]
+
+
+def merge_mem_mb(plan_path, shard, attempt):
+    """mem_mb of a merge_shard job, from its tensors' sizes in the plan."""
+    try:
+        with open(plan_path) as f:
+            plan = json.load(f)
+    except OSError:
+        return wf.BASELINE_MB
+    return wf.shard_mem_mb(plan, f"{shard}.safetensors", attempt)
+
+
+def shard_digests(wildcards):
+    return [
+        f.replace("/model/", "/digests/").replace(".safetensors", ".json")
+        for f in shard_files(wildcards)
+    ]
+
+
+def transplant_donor(wildcards):
+    spec = MERGES[wildcards.merge]
+    return spec.transplant_from
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+def reference_models():
+    if not EVAL["references"]:
+        return []
+    used = [m for spec in MERGES.values() if spec.evaluate for m in spec.models()]
+    return list(dict.fromkeys(used))
+
+
+# --- final targets --------------------------------------------------------------------------
+
+
+def get_final_output():
+    out = []
+    for name, spec in MERGES.items():
+        for point in points(name):
+            out.append(f"results/{name}/{point}/model/README.md")
+            out.append(f"results/{name}/{point}/provenance.json")
+        if spec.evaluate:
+            out += [f"results/{name}/grid.tsv", f"results/{name}/grid.png"]
+    out += [f"results/audits/{a}/audit.json" for a in AUDITS]
+    return out
+
+
+def eval_settings(wildcards):
+    """The evaluation settings, as a plain dict (its repr is what rerun detection compares)."""
+    keys = ("preset", "tasks", "limit", "batch_size", "dtype", "device",
+            "apply_chat_template", "fewshot_as_multiturn", "seed", "log_samples",
+            "trust_remote_code")
+    return {k: EVAL[k] for k in keys}
+
+
+def eval_gpus(wildcards):
+    return 0 if EVAL["device"] == "cpu" else 1
+
+
+def eval_runtime(wildcards):
+    return 30 if EVAL["preset"] == "demo" and not EVAL["tasks"] else 24 * 60
+
+
+def point_values_of(merge, point):
+    """{grid key: canonical value} of a point directory name."""
+    if point == wf.SINGLE_POINT:
+        return {}
+    return dict(part.split("~", 1) for part in point.split("/"))
+
+
+def card_name(wildcards):
+    """The merged model's name in its card: <merge>, plus the grid point's values."""
+    values = point_values(wildcards)
+    suffix = "".join(f"_{k}-{v}" for k, v in values.items())
+    return f"{wildcards.merge}{suffix}"

@@ -1,0 +1,57 @@
+# Evaluation with lm-eval, in-process, for every grid point and every reference model.
+
+
+rule evaluate_model:
+    input:
+        index="results/{merge}/{point}/model/model.safetensors.index.json",
+        config="results/{merge}/{point}/model/config.json",
+        shards=shard_files,
+    output:
+        results="results/{merge}/{point}/eval/results.json",
+        scores="results/{merge}/{point}/scores.json",
+    params:
+        model_dir=lambda wc: f"results/{wc.merge}/{wc.point}/model",
+        settings=eval_settings,
+        samples=lambda wc: (
+            f"results/{wc.merge}/{wc.point}/eval/samples" if EVAL["log_samples"] else None
+        ),
+    threads: min(2, workflow.cores)
+    resources:
+        mem_mb=4000,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+    log:
+        "logs/{merge}/{point}/evaluate_model.log",
+    benchmark:
+        "benchmarks/{merge}/{point}/evaluate_model.tsv"
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/evaluate_model.py"
+
+
+rule evaluate_reference:
+    input:
+        manifest=lambda wc: manifest(wc.model),
+    output:
+        results="results/references/{model}/eval/results.json",
+        scores="results/references/{model}/scores.json",
+    params:
+        model_dir=None,
+        settings=eval_settings,
+        samples=lambda wc: (
+            f"results/references/{wc.model}/eval/samples" if EVAL["log_samples"] else None
+        ),
+    threads: min(2, workflow.cores)
+    resources:
+        mem_mb=4000,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+    log:
+        "logs/references/{model}/evaluate_reference.log",
+    benchmark:
+        "benchmarks/references/{model}/evaluate_reference.tsv"
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/evaluate_model.py"

@@ -1,0 +1,40 @@
+# The grid's table and picture: every task over density x weight, references beside it.
+
+
+rule collect_grid:
+    input:
+        scores=lambda wc: expand(
+            "results/{merge}/{point}/scores.json", merge=wc.merge, point=points(wc.merge)
+        ),
+        tensors=lambda wc: expand(
+            "results/{merge}/{point}/tensors.json", merge=wc.merge, point=points(wc.merge)
+        ),
+        references=lambda wc: expand(
+            "results/references/{model}/scores.json", model=reference_models()
+        ),
+    output:
+        table=report(
+            "results/{merge}/grid.tsv",
+            caption="../report/grid_table.rst",
+            category="Grids",
+            labels={"merge": "{merge}", "figure": "table"},
+        ),
+        plot=report(
+            "results/{merge}/grid.png",
+            caption="../report/grid_plot.rst",
+            category="Grids",
+            labels={"merge": "{merge}", "figure": "heatmaps"},
+        ),
+    params:
+        points=lambda wc: {p: point_values_of(wc.merge, p) for p in points(wc.merge)},
+        references=reference_models,
+        merge=lambda wc: wc.merge,
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    log:
+        "logs/{merge}/collect_grid.log",
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/collect_grid.py"
