@@ -114,19 +114,22 @@ def _torch_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_shapes(name: str, models: Mapping[str, ModelFolder], sources: Mapping[str, str | None]) -> tuple[int, ...]:
-    shapes = {ref: models[ref].info(src).shape for ref, src in sources.items() if src}
-    first_ref, first = next(iter(shapes.items()))
-    for ref, shape in shapes.items():
-        if shape != first:
+def _check_shapes(
+    name: str, models: Mapping[str, ModelFolder], sources: Mapping[str, str | None], anchor: str
+) -> tuple[int, ...]:
+    """The tensor's shape, which every input must share with the anchor (the base)."""
+    info = lambda ref: models[ref].info(sources[ref])  # noqa: E731
+    ref0 = anchor if sources.get(anchor) else next(r for r, s in sources.items() if s)
+    first = info(ref0)
+    for ref, src in sources.items():
+        if src and info(ref).shape != first.shape:
             raise ModelError(
-                f"tensor {name}: shape {list(shape)} in model {ref} "
-                f"({models[ref].info(sources[ref]).file}) differs from {list(first)} in "
-                f"model {first_ref} ({models[first_ref].info(sources[first_ref]).file}); "
-                "merging needs identical shapes (different vocabularies need tokenizer "
-                "merging, which remerge does not support)"
+                f"tensor {name}: shape {list(info(ref).shape)} in model {ref} ({info(ref).file}) "
+                f"differs from {list(first.shape)} in model {ref0} ({first.file}); merging needs "
+                "identical shapes (different vocabularies need tokenizer merging, which remerge "
+                "does not support)"
             )
-    return first
+    return first.shape
 
 
 def output_names(recipe: Recipe, models: Mapping[str, ModelFolder]) -> list[str]:
@@ -151,7 +154,7 @@ def plan_merge(
     tensors: dict[str, TensorPlan] = {}
     for name in output_names(recipe, models):
         sources = _sources(name, models, recipe)
-        shape = _check_shapes(name, models, sources)
+        shape = _check_shapes(name, models, sources, recipe.base_model or recipe.inputs[0])
         infos = [(ref, models[ref].info(src).dtype) for ref, src in sources.items() if src]
         base_dtype = (models[recipe.base_model].info(sources[recipe.base_model]).dtype
                       if recipe.base_model and sources.get(recipe.base_model) else None)

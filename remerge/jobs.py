@@ -136,3 +136,21 @@ def write_card_and_provenance(
     license = model_license(Path(read_manifest(manifests[donor])["path"]), licenses.get(donor))
     write_json_atomic(provenance_path, prov)
     write_text_atomic(card_path, card_text(prov, recipe, license))
+
+
+def run_audit(published: str, recipe_file: str | None, path_map: Mapping[str, str],
+              transplant_from: str | None, version: str | None, models_dir: str,
+              report_path: str) -> str:
+    """The audit job: whatever the verdict, the reports are its result (returns the verdict)."""
+    from remerge.audit import audit_model, find_recipe, published_folder, write_reports
+    from remerge.models import resolve_reference
+
+    folder = published_folder(published, Path(models_dir))
+    text, source = find_recipe(folder, recipe_file)
+    report = audit_model(folder, text, source, path_map,
+                         resolve=lambda ref: resolve_reference(ref, Path(models_dir)),
+                         version=version, transplant_from=transplant_from,
+                         published_reference=published)
+    write_reports(report, Path(report_path).parent)
+    log.info("verdict: %s", report["verdict"])
+    return report["verdict"]

@@ -16,7 +16,7 @@ def default_models_dir() -> Path:
     return Path(os.environ.get("REMERGE_MODELS", Path.home() / ".cache" / "remerge" / "models"))
 
 
-def resolve_reference(ref: str, models_dir: Path | None = None) -> Path:
+def resolve_reference(ref: str, models_dir: Path | None = None, allow_patterns=None) -> Path:
     """A local folder as is; a hub id downloaded (verified) at its revision into `models_dir`."""
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -28,7 +28,8 @@ def resolve_reference(ref: str, models_dir: Path | None = None) -> Path:
 
     repo, rev = match["repo"], match["rev"] or "main"
     out = (models_dir or default_models_dir()) / repo.replace("/", "--") / rev.replace("/", "--")
-    manifest = download_model(repo, rev, out)
+    extra = {"allow_patterns": tuple(allow_patterns)} if allow_patterns else {}
+    manifest = download_model(repo, rev, out, **extra)
     return Path(manifest["path"])
 
 

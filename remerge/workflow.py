@@ -26,6 +26,9 @@ MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model 
 GLOBAL_GRID_KEYS = ("lambda",)  # set in the recipe's global parameters
 SINGLE_POINT = "single"
 DEMO_DIR = "results/demo"
+# Where the demo's "published" seed merge claims its models were (an author's local paths)
+DEMO_AUTHOR_DIR = "/Users/demo-author/Workspace/remerge-demo"
+HUB_DIR = "results/models"  # hub downloads: results/models/<name>/snapshot
 
 
 class ConfigError(RemergeError):
@@ -85,6 +88,12 @@ def model_reference(name: str, entry: Mapping[str, Any]) -> str:
     if kind == "demo":
         return f"{DEMO_DIR}/{entry['demo']}"
     return str(entry[kind])
+
+
+def model_folder(name: str, entry: Mapping[str, Any]) -> str:
+    """Where the model's files are once its manifest exists."""
+    kind = model_kind(entry)
+    return f"{HUB_DIR}/{name}/snapshot" if kind == "repo" else model_reference(name, entry)
 
 
 # --- merges and grids ----------------------------------------------------------------------
@@ -176,13 +185,35 @@ def check_config(config: Mapping[str, Any]) -> dict[str, MergeSpec]:
             raise ConfigError(f"config error: models.{name}.path: folder {entry['path']} does not exist")
     merges = {}
     for name, entry in (config.get("merges") or {}).items():
+        if name in merges:
+            continue
         if not NAME_RE.match(name) or name in ("models", "demo", "references", "audits"):
             raise ConfigError(f"config error: merges.{name}: not a usable merge name (letters, "
                               "digits, _ . -; not models/demo/references/audits)")
         spec = merge_spec(name, entry)
         _check_merge(spec, models)
         merges[name] = spec
+    _check_audits(config.get("audits") or {}, models, merges)
     return merges
+
+
+def _check_audits(audits: Mapping[str, Any], models: Mapping[str, Any], merges: Mapping[str, MergeSpec]) -> None:
+    for name, entry in audits.items():
+        where = f"audits.{name}"
+        if not NAME_RE.match(name):
+            raise ConfigError(f"config error: {where}: names are letters, digits, _ . -")
+        published = entry.get("published", "")
+        if published.startswith("demo:"):
+            if published not in ("demo:pass", "demo:altered"):
+                raise ConfigError(f"config error: {where}.published: {published!r} (allowed demo "
+                                  "copies: demo:pass, demo:altered)")
+            if "seed" not in merges or merges["seed"].grid:
+                raise ConfigError(f"config error: {where}.published: {published} is the demo's "
+                                  "`seed` merge as published; define merges.seed without a grid")
+        for src, dst in (entry.get("path_map") or {}).items():
+            if dst not in models and "/" not in dst:
+                raise ConfigError(f"config error: {where}.path_map.{src}: `{dst}` is neither a "
+                                  f"model name ({', '.join(models)}), a folder nor a hub id")
 
 
 def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:

@@ -1,1 +1,55 @@
-# Audits of published merges: recover the recipe, re-merge, compare tensor by tensor.
+# Audits of published merges: recover the recipe, re-merge in memory, compare bit by bit.
+# `demo:pass` / `demo:altered` are the demo's seed merge "published" with an author's card
+# (and, for altered, one flipped bit and a changed generation_config.json).
+
+
+rule publish_demo:
+    input:
+        index="results/seed/single/model/model.safetensors.index.json",
+        config="results/seed/single/model/config.json",
+        shards=lambda wc: shard_files(Wildcards(fromdict={"merge": "seed", "point": "single"})),
+    output:
+        passing=directory("results/demo/published/pass"),
+        altered=directory("results/demo/published/altered"),
+    params:
+        model_dir="results/seed/single/model",
+        recipe=lambda wc: recipe_text(Wildcards(fromdict={"merge": "seed", "point": "single"})),
+        author_paths=lambda wc: {
+            wf.model_reference(m, MODELS[m]): f"{wf.DEMO_AUTHOR_DIR}/{m}"
+            for m in MERGES["seed"].models()
+        },
+    resources:
+        mem_mb=500,
+        runtime=10,
+    log:
+        "logs/demo/publish_demo.log",
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/publish_demo.py"
+
+
+rule audit_model:
+    input:
+        published=audit_published_input,
+        manifests=audit_manifests,
+    output:
+        report="results/audits/{audit}/audit.json",
+        markdown="results/audits/{audit}/audit.md",
+    params:
+        published=audit_published,
+        recipe=lambda wc: AUDITS[wc.audit]["recipe"],
+        path_map=audit_path_map,
+        transplant_from=audit_transplant,
+        version=lambda wc: AUDITS[wc.audit]["mergekit_version"],
+        models_dir="results/audits/models",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    log:
+        "logs/audits/{audit}/audit_model.log",
+    conda:
+        "../envs/remerge.yaml"
+    script:
+        "../scripts/audit_model.py"

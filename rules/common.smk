@@ -3,6 +3,7 @@ import json
 import os
 
 import pandas as pd
+from snakemake.io import Wildcards
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
@@ -183,3 +184,40 @@ def card_name(wildcards):
     values = point_values(wildcards)
     suffix = "".join(f"_{k}-{v}" for k, v in values.items())
     return f"{wildcards.merge}{suffix}"
+
+
+# --- audits ---------------------------------------------------------------------------------
+
+
+def _resolve_to(target):
+    """An audit map target: a config model name -> its folder; anything else as given."""
+    return wf.model_folder(target, MODELS[target]) if target in MODELS else target
+
+
+def audit_published(wildcards):
+    published = AUDITS[wildcards.audit]["published"]
+    if published.startswith("demo:"):
+        return f"results/demo/published/{published.split(':', 1)[1]}"
+    return _resolve_to(published)
+
+
+def audit_published_input(wildcards):
+    published = AUDITS[wildcards.audit]["published"]
+    if published.startswith("demo:"):
+        return audit_published(wildcards)
+    return manifest(published) if published in MODELS else []
+
+
+def audit_path_map(wildcards):
+    return {k: _resolve_to(v) for k, v in AUDITS[wildcards.audit]["path_map"].items()}
+
+
+def audit_transplant(wildcards):
+    donor = AUDITS[wildcards.audit]["transplant_from"]
+    return _resolve_to(donor) if donor else None
+
+
+def audit_manifests(wildcards):
+    entry = AUDITS[wildcards.audit]
+    names = list(entry["path_map"].values()) + [entry["transplant_from"]]
+    return [manifest(n) for n in names if n in MODELS]

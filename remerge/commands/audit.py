@@ -1,0 +1,61 @@
+"""`remerge audit PUBLISHED OUT_DIR`: re-run a published merge from its recipe, compare bit by bit.
+
+Exit status: 0 when the tensors are bit-identical, 1 when they differ, 2 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from remerge.audit import (
+    BIT_IDENTICAL, CONFIGS_DIFFER, audit_model, find_recipe, published_folder, write_reports,
+)
+from remerge.errors import AuditError
+from remerge.models import default_models_dir, resolve_reference
+from remerge.recipe import VERSIONS
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("published", help="the published merge: a local folder or a hub id org/name[@rev]")
+    p.add_argument("out_dir", type=Path, help="where audit.json and audit.md are written")
+    p.add_argument("--recipe", type=Path, default=None,
+                   help="recipe file (default: the published mergekit_config.yml or README card)")
+    p.add_argument("--path-map", action="append", default=[], metavar="FROM=TO",
+                   help="read model FROM (as the recipe names it) from TO (hub id or folder); "
+                   "default: a local path's last two parts as a hub id")
+    p.add_argument("--transplant-from", default=None, metavar="MODEL",
+                   help="expect the json files of MODEL (a recipe reference or hub id), as after "
+                   "the seed's config transplant")
+    p.add_argument("--mergekit-version", choices=VERSIONS, default=None,
+                   help="whose semantics to follow (default: the version in the published index)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help=f"where hub models are downloaded (default: {default_models_dir()})")
+
+
+def parse_map(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise AuditError(f"--path-map {item!r}: expected FROM=TO")
+        src, dst = item.split("=", 1)
+        out[src] = dst
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    published = published_folder(args.published, args.models_dir)
+    text, source = find_recipe(published, args.recipe)
+    report = audit_model(
+        published, text, source, parse_map(args.path_map),
+        resolve=lambda ref: resolve_reference(ref, args.models_dir),
+        version=args.mergekit_version, transplant_from=args.transplant_from,
+        published_reference=args.published,
+    )
+    write_reports(report, args.out_dir)
+    log.info("verdict: %s (see %s)", report["verdict"], args.out_dir / "audit.md")
+    print(f"{args.published}: {report['verdict']}")
+    return 0 if report["verdict"] in (BIT_IDENTICAL, CONFIGS_DIFFER) else 1

@@ -1,0 +1,135 @@
+"""Auditing a published merge against its recipe."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from remerge.audit import default_mapping, find_recipe, map_references, recipe_from_card, tensor_difference
+from remerge.cli import main
+from tinymodels import finetune, random_tensors, write_model
+
+SEED_CARD = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-model-card.txt")
+
+RECIPE = """models:
+  - model: {ft}
+    parameters:
+      weight: 1
+      density: 1
+  - model: {ft}
+    parameters:
+      weight: 1
+      density: 1
+merge_method: ties
+base_model: {base}
+parameters:
+  density: 1
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A seed-shaped merge of tiny models, 'published' with a card holding the author's paths."""
+    root = tmp_path_factory.mktemp("audit")
+    base = random_tensors(0)
+    write_model(root / "base", base)
+    write_model(root / "ft", finetune(base, 1))
+    (root / "ft" / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6}))
+    (root / "recipe.yml").write_text(RECIPE.format(ft=root / "ft", base=root / "base"))
+    assert main(["merge", str(root / "recipe.yml"), str(root / "merged"), "--out-shard-size", "3K"]) == 0
+    pub = root / "published"
+    shutil.copytree(root / "merged", pub)
+    (pub / "mergekit_config.yml").unlink()
+    author = RECIPE.format(ft="/Users/someone/Workspace/org/ft", base="/Users/someone/Workspace/org/base")
+    (pub / "README.md").write_text(f"---\nlicense: other\n---\n# x\n\n### Configuration\n\n```yaml\n{author}```\n")
+    return root
+
+
+def audit(root, pub, out, *extra):
+    args = ["audit", str(pub), str(out), "--path-map", f"/Users/someone/Workspace/org/ft={root / 'ft'}",
+            "--path-map", f"/Users/someone/Workspace/org/base={root / 'base'}", *extra]
+    code = main(args)
+    return code, json.loads((out / "audit.json").read_text()), (out / "audit.md").read_text()
+
+
+def test_identical_copy_is_bit_identical(published, tmp_path):
+    code, report, md = audit(published, published / "published", tmp_path / "a")
+    assert code == 0 and report["verdict"] == "bit-identical"
+    assert report["recipe"]["source"] == "README.md"
+    assert report["mergekit_semantics"] == "0.0.5.1"  # recorded in the published index
+    assert report["tensors"]["identical"] == report["tensors"]["compared"] > 0
+    assert "**Verdict: bit-identical**" in md
+
+
+def test_one_flipped_bit_is_found_and_named(published, tmp_path):
+    pub = tmp_path / "pub"
+    shutil.copytree(published / "published", pub)
+    shard = sorted(pub.glob("model-*.safetensors"))[1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    bits = tensors[name].view(torch.int16).clone()
+    bits.view(-1)[3] ^= 1  # the lowest mantissa bit of one element
+    tensors[name] = bits.view(torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    code, report, md = audit(published, pub, tmp_path / "a")
+    assert code == 1 and report["verdict"] == "different tensors"
+    [diff] = report["tensors"]["differing"]
+    assert diff["name"] == name and diff["differing_elements"] == 1 and diff["max_ulp"] == 1
+    assert name in md
+
+
+def test_changed_generation_config_is_found_with_its_key(published, tmp_path):
+    pub = tmp_path / "pub"
+    shutil.copytree(published / "published", pub)
+    for f in published.joinpath("ft").glob("*.json"):  # the seed's transplant
+        shutil.copy(f, pub / f.name)
+    code, report, _ = audit(published, pub, tmp_path / "a", "--transplant-from", "/Users/someone/Workspace/org/ft")
+    assert code == 0 and report["verdict"] == "bit-identical"
+    (pub / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.9}))
+    code, report, md = audit(published, pub, tmp_path / "b", "--transplant-from", "/Users/someone/Workspace/org/ft")
+    assert code == 0 and report["verdict"] == "same tensors, different config files"
+    [entry] = report["files"]["differing"]
+    assert entry["file"] == "generation_config.json"
+    assert entry["keys"] == [{"key": "temperature", "expected": 0.6, "published": 0.9}]
+    assert "generation_config.json" in md and "temperature" in md
+
+
+def test_missing_tensor_is_found(published, tmp_path):
+    pub = tmp_path / "pub"
+    shutil.copytree(published / "published", pub)
+    shard = sorted(pub.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    gone = sorted(tensors)[-1]
+    del tensors[gone]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    code, report, _ = audit(published, pub, tmp_path / "a")
+    assert code == 1 and report["tensors"]["missing"] == [gone]
+
+
+def test_recipe_from_the_seed_card():
+    text = recipe_from_card(SEED_CARD.read_text())
+    assert text is not None and "merge_method: ties" in text
+    refs = ["/Users/jsarnecki/opt/Workspace/arcee-ai/Llama-3.1-SuperNova-Lite",
+            "/Users/jsarnecki/opt/Workspace/meta-llama/Llama-3.1-8B"]
+    assert all(r in text for r in refs)
+    assert map_references(refs, {}) == {refs[0]: "arcee-ai/Llama-3.1-SuperNova-Lite",
+                                         refs[1]: "meta-llama/Llama-3.1-8B"}
+    assert default_mapping("org/name") == "org/name"
+
+
+def test_recipe_from_mergekit_config(published):
+    text, source = find_recipe(published / "merged")
+    assert source == "mergekit_config.yml" and text == (published / "recipe.yml").read_text()
+
+
+def test_ulp_distance_across_zero():
+    a = torch.tensor([0.0, 1.0, -1.0], dtype=torch.bfloat16)
+    b = torch.tensor([-0.0, 1.0078125, -1.0], dtype=torch.bfloat16)  # -0 differs in bytes only
+    diff = tensor_difference(a, b)
+    assert diff["differing_elements"] == 2 and diff["max_ulp"] == 1

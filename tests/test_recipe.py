@@ -1,0 +1,134 @@
+"""Recipe parsing, refusals, versions and per-tensor parameter resolution."""
+
+import logging
+
+import pytest
+
+from remerge.errors import RecipeError
+from remerge.recipe import evaluate_setting, parse_recipe, resolve, tensor_parameters
+
+SEED = """\
+models:
+  - model: org/instruct
+    parameters: {weight: 1, density: 1}
+  - model: org/instruct
+    parameters: {weight: 1, density: 1}
+merge_method: ties
+base_model: org/base
+parameters: {density: 1, normalize: true, int8_mask: true}
+dtype: bfloat16
+"""
+
+
+def recipe(body: str = "", method: str = "ties", **kw):
+    text = f"""models:
+  - model: a
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: b
+    parameters: {{weight: [0.1, 0.9], density: 0.8}}
+merge_method: {method}
+base_model: base
+{body}"""
+    return parse_recipe(text, **kw)
+
+
+def test_text_is_kept_verbatim_and_inputs_ordered():
+    r = recipe("dtype: bfloat16\n")
+    assert r.text.endswith("dtype: bfloat16\n")
+    assert r.inputs == ("a", "b", "base")
+    assert r.mergers == ("a", "b")
+    assert r.version == "0.1.5"
+
+
+def test_seed_recipe_follows_0051_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        r = parse_recipe(SEED)
+    assert r.version == "0.0.5.1"
+    assert r.inputs == ("org/instruct", "org/base")
+    assert "refuses" in caplog.text and "org/instruct" in caplog.text
+
+
+def test_seed_recipe_refused_under_015():
+    with pytest.raises(RecipeError, match="listed twice: org/instruct.*0.1.5 refuses"):
+        parse_recipe(SEED, version="0.1.5")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: [{model: a}]\nmerge_method: slerp\nbase_model: b\n", "merge_method `slerp` is not supported"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nslices: []\n", "slices"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", "tokenizer merging"),
+    ("models: [{model: a+lora}]\nmerge_method: ties\nbase_model: b\n", "LoRA"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtpye: bfloat16\n", "unknown key `dtpye`"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtype: int8\n", "dtype `int8`"),
+    ("models: [{model: a}]\nmerge_method: ties\n", "needs `base_model`"),
+    ("models: [{model: a, parameters: {wieght: 1}}]\nmerge_method: ties\nbase_model: b\n",
+     "unknown parameter `wieght` for ties"),
+    ("models: [{model: b}]\nmerge_method: ties\nbase_model: b\n", "merges nothing"),
+    ("models: :\n", "not valid YAML"),
+])
+def test_refusals_name_the_problem(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text)
+
+
+def test_lambda_ignored_by_0051_but_used_by_015(caplog):
+    r_new = recipe("parameters: {lambda: 0.8}\n")
+    assert tensor_parameters(r_new, "x", 0.0, ["a"])[0]["lambda"] == 0.8
+    with caplog.at_level(logging.WARNING):
+        r_old = recipe("parameters: {lambda: 0.8}\n", version="0.0.5.1")
+    assert "lambda" not in tensor_parameters(r_old, "x", 0.0, ["a"])[0]
+    assert "ignored" in caplog.text
+
+
+def test_gradient_interpolation():
+    assert evaluate_setting([0.1, 0.9], "t", 0.0) == 0.1
+    assert evaluate_setting([0.1, 0.9], "t", 1.0) == 0.9
+    assert evaluate_setting([0.0, 1.0, 0.0], "t", 0.25) == pytest.approx(0.5)
+    assert evaluate_setting([0.2, 0.5, 1.0], "t", 0.5) == 0.5
+
+
+def test_filters_first_match_wins_and_fall_through():
+    setting = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.6}, {"value": 0.9}]
+    assert evaluate_setting(setting, "model.layers.0.self_attn.q_proj.weight", 0) == 0.3
+    assert evaluate_setting(setting, "model.layers.0.mlp.up_proj.weight", 0) == 0.6
+    assert evaluate_setting(setting, "model.norm.weight", 0) == 0.9
+    assert evaluate_setting([{"filter": "mlp", "value": 1}], "model.norm.weight", 0) is None
+
+
+def test_precedence_model_then_global_then_default():
+    r = recipe("parameters: {density: 0.3, weight: 2.0}\n")
+    assert resolve(r, "density", "w", 0, "a") == 0.5  # the model's own
+    assert resolve(r, "density", "w", 0, "b") == 0.8
+    assert resolve(r, "normalize", "w", 0) is True  # ties' default
+    r2 = parse_recipe("models: [{model: a}]\nmerge_method: ties\nbase_model: base\n"
+                      "parameters: {weight: 2.0}\n")
+    assert resolve(r2, "weight", "w", 0, "a") == 2.0  # global
+    assert resolve(r2, "density", "w", 0, "a") == 1.0  # default
+
+
+def test_duplicates_take_the_first_entry_that_sets_a_parameter():
+    text = """models:
+  - model: a
+    parameters: {weight: 0.3}
+  - model: a
+    parameters: {weight: 0.9, density: 0.4}
+merge_method: ties
+base_model: base
+"""
+    r = parse_recipe(text)
+    assert resolve(r, "weight", "w", 0, "a") == 0.3
+    assert resolve(r, "density", "w", 0, "a") == 0.4
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -0.1])
+def test_density_outside_range_is_refused_per_tensor(density):
+    r = parse_recipe(f"models: [{{model: a, parameters: {{weight: 1, density: {density}}}}}]\n"
+                     "merge_method: ties\nbase_model: base\n")
+    with pytest.raises(RecipeError, match=r"`density` for tensor w of model a .* must be in \(0, 1\]"):
+        tensor_parameters(r, "w", 0.0, ["a"])
+
+
+def test_missing_weight_is_named():
+    r = parse_recipe("models: [{model: a}]\nmerge_method: ties\nbase_model: base\n")
+    with pytest.raises(RecipeError, match="missing `weight` for tensor w of model a"):
+        tensor_parameters(r, "w", 0.0, ["a"])

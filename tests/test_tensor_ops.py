@@ -1,0 +1,128 @@
+"""The merge arithmetic on hand-computed cases and properties."""
+
+import pytest
+import torch
+
+from remerge.methods import METHODS
+from remerge.tensor_ops import (
+    consensus_mask, linear, magnitude_mask, outlier_mask, random_mask, rescaled, task_arithmetic,
+    tensor_seed, weight_column,
+)
+
+TIES, TA, DARE = METHODS["ties"], METHODS["task_arithmetic"], METHODS["dare_ties"]
+SHARED = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}
+
+
+def params(*weights, density=1.0):
+    return [{"weight": w, "density": density} for w in weights]
+
+
+def test_ties_sign_election_and_disjoint_mean_by_hand():
+    base = torch.zeros(4)
+    x1 = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    x2 = torch.tensor([-1.0, -1.0, 2.0, 5.0])
+    # sum of deltas [0, -3, 5, 5] -> majority [+, -, +, +]; x1[3] = 0 and x2[0] < 0 drop out
+    out = task_arithmetic(TIES, base, [x1, x2], params(1, 1), SHARED, "0.1.5", [0, 0])
+    assert out.tolist() == [1.0, -1.5, 2.5, 5.0]
+
+
+def test_ties_without_normalize_sums_the_agreeing_weighted_deltas():
+    base = torch.ones(3)
+    x1 = torch.tensor([3.0, 1.0, 0.0])  # deltas [2, 0, -1]
+    x2 = torch.tensor([2.0, 3.0, -1.0])  # deltas [1, 2, -2]
+    shared = {**SHARED, "normalize": False}
+    out = task_arithmetic(TIES, base, [x1, x2], params(0.5, 2.0), shared, "0.1.5", [0, 0])
+    assert out.tolist() == [1 + 1.0 + 2.0, 1 + 4.0, 1 - 0.5 - 4.0]
+
+
+def test_int8_mask_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 50, generator=g).bfloat16()
+    deltas[0, :5] = 0
+    assert torch.equal(consensus_mask(deltas, True), consensus_mask(deltas, False))
+
+
+def test_magnitude_keeps_exactly_k_largest():
+    d = torch.tensor([0.1, -0.4, 0.3, -0.2])
+    assert magnitude_mask(d, 0.5, "0.1.5").tolist() == [0, 1, 1, 0]
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(1000, generator=g).bfloat16()  # bf16: many equal magnitudes
+    for density in (0.01, 0.37, 0.5, 0.99):
+        mask = magnitude_mask(big, density, "0.1.5")
+        assert int(mask.float().sum()) == int(density * 1000)
+        kept = big.abs().float()[mask.bool()]
+        dropped = big.abs().float()[~mask.bool()]
+        assert kept.min() >= dropped.max()
+
+
+def test_magnitude_density_that_keeps_nothing():
+    d = torch.ones(10)
+    assert magnitude_mask(d, 0.05, "0.1.5").sum() == 1  # 0.1.5 keeps at least one
+    with pytest.raises(ValueError, match="keeps no element"):
+        magnitude_mask(d, 0.05, "0.0.5.1")  # mergekit 0.0.5.1 asserts
+
+
+def test_breadcrumbs_band_by_hand():
+    d = torch.arange(1, 11, dtype=torch.float32) / 10  # 0.1 .. 1.0
+    # 10 elements, density 0.5 -> 5 kept, gamma 0.1 -> the largest 1 dropped, 4 smallest dropped
+    for version in ("0.1.5", "0.0.5.1"):
+        assert outlier_mask(d, 0.5, 0.1, version).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 0]
+    # gamma 0 keeps the top 5 in 0.1.5; 0.0.5.1's slice [n_bot:-0] keeps nothing
+    assert outlier_mask(d, 0.5, 0.0, "0.1.5").tolist() == [0] * 5 + [1] * 5
+    assert outlier_mask(d, 0.5, 0.0, "0.0.5.1").sum() == 0
+
+
+def test_weights_round_to_the_compute_dtype():
+    assert weight_column([0.3], torch.bfloat16, 1).item() == 0.30078125
+    assert weight_column([0.3, 0.7], torch.float32, 2).shape == (2, 1, 1)
+
+
+def test_linear_by_hand_and_per_version():
+    a, b = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 8.0])
+    for version in ("0.1.5", "0.0.5.1"):
+        assert linear([a, b], [1.0, 3.0], True, version).tolist() == [3.5, 7.0]
+        assert linear([a, b], [1.0, 3.0], False, version).tolist() == [14.0, 28.0]
+
+
+def test_linear_versions_differ_in_bf16():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4000, generator=g).bfloat16() for _ in range(3)]
+    new = linear(xs, [0.3, 0.3, 0.4], True, "0.1.5")
+    old = linear(xs, [0.3, 0.3, 0.4], True, "0.0.5.1")
+    assert new.dtype == old.dtype == torch.bfloat16
+    assert not torch.equal(new, old)  # 0.1.5 accumulates in float32, 0.0.5.1 in bf16
+
+
+def test_lambda_scales_the_merged_delta():
+    base, x = torch.zeros(2), torch.tensor([2.0, -4.0])
+    out = task_arithmetic(TA, base, [x], params(1.0), {**SHARED, "normalize": False, "lambda": 0.5},
+                          "0.1.5", [0])
+    assert out.tolist() == [1.0, -2.0]
+
+
+def test_rescale_keeps_the_l1_norm():
+    d = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    for version in ("0.1.5", "0.0.5.1"):
+        out = rescaled(d, mask, version)
+        assert out.abs().sum().item() == pytest.approx(10.0)
+        assert out.tolist()[0] == 0.0
+
+
+def test_dare_is_seeded_per_tensor_and_model():
+    d = torch.ones(10_000)
+    a = random_mask(d, 0.3, tensor_seed(0, "w", 0))
+    assert torch.equal(a, random_mask(d, 0.3, tensor_seed(0, "w", 0)))
+    assert not torch.equal(a, random_mask(d, 0.3, tensor_seed(0, "w", 1)))
+    assert not torch.equal(a, random_mask(d, 0.3, tensor_seed(1, "w", 0)))
+    assert 0.27 < a.mean().item() < 0.33
+
+
+def test_dare_ties_merge_is_deterministic():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(64, generator=g).bfloat16()
+    xs = [base + 0.1 * torch.randn(64, generator=g).bfloat16() for _ in range(2)]
+    shared = {**SHARED, "normalize": False, "rescale": True}
+    run = lambda: task_arithmetic(DARE, base, xs, params(0.5, 0.5, density=0.4), shared, "0.1.5",  # noqa: E731
+                                  [tensor_seed(7, "t", i) for i in range(2)])
+    assert torch.equal(run(), run())
