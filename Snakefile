@@ -8,7 +8,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo unless --configfile names another (which then replaces it rather than extending it).
+if not config:
+
+    configfile: "config/config.yaml"
 
 
 report: "report/workflow.rst"

@@ -154,3 +154,15 @@ def run_audit(published: str, recipe_file: str | None, path_map: Mapping[str, st
     write_reports(report, Path(report_path).parent)
     log.info("verdict: %s", report["verdict"])
     return report["verdict"]
+
+
+def evaluate_and_score(model_dir: str | None, manifest: str | None, settings: Mapping[str, object],
+                       samples_dir: str | None, results_path: str, scores_path: str) -> None:
+    """lm-eval's full results, then `scores.json` (task scores and, for leaderboard tasks,
+    the card and leaderboard tables)."""
+    from remerge.evaluate import EvalSettings, evaluate_model
+    from remerge.scores import scores_document
+
+    folder = model_dir or read_manifest(manifest)["path"]
+    results = evaluate_model(folder, EvalSettings.from_mapping(settings), results_path, samples_dir)
+    write_json_atomic(scores_path, scores_document(results))

@@ -60,6 +60,8 @@ def schema_message(error) -> str:
         return f"{where}: {error.instance!r} is out of range: {error.schema.get('description', v)}"
     if v == "required":
         return f"{where}: {error.message}"
+    if v == "oneOf":
+        return f"{where}: {error.schema.get('description', 'matches none or several of the allowed forms')}"
     if v == "pattern":
         return f"{where}: {error.instance!r} is not allowed: {error.schema.get('description', '')}"
     return f"{where}: {error.message}"

@@ -7,13 +7,13 @@ rule publish_demo:
     input:
         index="results/seed/single/model/model.safetensors.index.json",
         config="results/seed/single/model/config.json",
-        shards=lambda wc: shard_files(Wildcards(fromdict={"merge": "seed", "point": "single"})),
+        shards=lambda wc: shard_paths("seed", "single"),
     output:
         passing=directory("results/demo/published/pass"),
         altered=directory("results/demo/published/altered"),
     params:
         model_dir="results/seed/single/model",
-        recipe=lambda wc: recipe_text(Wildcards(fromdict={"merge": "seed", "point": "single"})),
+        recipe=seed_recipe_text,
         author_paths=lambda wc: {
             wf.model_reference(m, MODELS[m]): f"{wf.DEMO_AUTHOR_DIR}/{m}"
             for m in MERGES["seed"].models()

@@ -3,7 +3,6 @@ import json
 import os
 
 import pandas as pd
-from snakemake.io import Wildcards
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
@@ -84,6 +83,11 @@ def recipe_text(wildcards):
     return wf.render_recipe(spec, MODELS, point_values(wildcards))
 
 
+def seed_recipe_text(wildcards):
+    """The demo seed merge's recipe (merges.seed has no grid)."""
+    return wf.render_recipe(MERGES["seed"], MODELS, {})
+
+
 def plan_recipe_text(wildcards):
     """The recipe the shard plan is made from: the first grid point's (layout is shared)."""
     spec = MERGES[wildcards.merge]
@@ -100,13 +104,16 @@ def merge_manifest_files(wildcards):
     return list(merge_manifests(wildcards).values())
 
 
-def shard_files(wildcards):
+def shard_paths(merge, point):
     """The point's output shards, known once the merge's plan (a checkpoint) exists."""
-    plan = checkpoints.plan_merge.get(merge=wildcards.merge).output.plan
+    plan = checkpoints.plan_merge.get(merge=merge).output.plan
     with open(plan) as f:
-        data = json.load(f)
-    names = wf.shard_names(data)
-    return [f"results/{wildcards.merge}/{wildcards.point}/model/{n}" for n in names]
+        names = wf.shard_names(json.load(f))
+    return [f"results/{merge}/{point}/model/{n}" for n in names]
+
+
+def shard_files(wildcards):
+    return shard_paths(wildcards.merge, wildcards.point)
 
 
 def merge_mem_mb(plan_path, shard, attempt):
@@ -195,10 +202,13 @@ def _resolve_to(target):
 
 
 def audit_published(wildcards):
-    published = AUDITS[wildcards.audit]["published"]
+    entry = AUDITS[wildcards.audit]
+    published = entry["published"]
     if published.startswith("demo:"):
         return f"results/demo/published/{published.split(':', 1)[1]}"
-    return _resolve_to(published)
+    if published in MODELS or os.path.isdir(published) or "@" in published:
+        return _resolve_to(published)
+    return f"{published}@{entry['revision']}"  # a hub id, at the audited revision
 
 
 def audit_published_input(wildcards):

@@ -27,7 +27,7 @@ rule collect_grid:
         ),
     params:
         points=lambda wc: {p: point_values_of(wc.merge, p) for p in points(wc.merge)},
-        references=reference_models,
+        references=lambda wc: reference_models(),
         merge=lambda wc: wc.merge,
     resources:
         mem_mb=1000,
