@@ -17,6 +17,10 @@ if not config:
 report: "report/workflow.rst"
 
 
+localrules:
+    all,
+
+
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/merge.smk"

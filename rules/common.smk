@@ -171,6 +171,11 @@ def eval_settings(wildcards):
     return {k: EVAL[k] for k in keys}
 
 
+def eval_offline():
+    """The demo's local tasks need no network: run those evaluations offline."""
+    return EVAL["preset"] == "demo" and not EVAL["tasks"]
+
+
 def eval_gpus(wildcards):
     return 0 if EVAL["device"] == "cpu" else 1
 

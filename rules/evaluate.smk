@@ -12,6 +12,7 @@ rule evaluate_model:
     params:
         model_dir=lambda wc: f"results/{wc.merge}/{wc.point}/model",
         settings=eval_settings,
+        offline=lambda wc: eval_offline(),
         samples=lambda wc: (
             f"results/{wc.merge}/{wc.point}/eval/samples" if EVAL["log_samples"] else None
         ),
@@ -39,6 +40,7 @@ rule evaluate_reference:
     params:
         model_dir=None,
         settings=eval_settings,
+        offline=lambda wc: eval_offline(),
         samples=lambda wc: (
             f"results/references/{wc.model}/eval/samples" if EVAL["log_samples"] else None
         ),
