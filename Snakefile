@@ -32,6 +32,6 @@ include: "rules/audit.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_output(),
-    default_target: True

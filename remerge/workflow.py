@@ -159,7 +159,29 @@ def render_recipe(spec: MergeSpec, models: Mapping[str, Mapping[str, Any]], poin
         e["model"] = model_reference(e["model"], models[e["model"]])
     if base:
         data["base_model"] = model_reference(base, models[base])
-    return dump_recipe(data)
+    return dump_recipe(canonical_recipe(data))
+
+
+RECIPE_ORDER = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+
+
+def canonical_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with mergekit's key order and sorted parameter names, so that the rendered
+    text (a rerun trigger) does not change when the config's keys are merely reordered."""
+    def params(p: Any) -> Any:
+        return {k: p[k] for k in sorted(p)} if isinstance(p, dict) else p
+
+    out: dict[str, Any] = {}
+    for key in RECIPE_ORDER + tuple(k for k in data if k not in RECIPE_ORDER):
+        if key not in data:
+            continue
+        if key == "models":
+            out[key] = [{**{k: v for k, v in e.items() if k != "parameters"},
+                         **({"parameters": params(e["parameters"])} if "parameters" in e else {})}
+                        for e in data[key]]
+        else:
+            out[key] = params(data[key]) if key == "parameters" else data[key]
+    return out
 
 
 def shard_names(plan: Mapping[str, Any]) -> list[str]:

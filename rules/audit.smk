@@ -11,20 +11,20 @@ rule publish_demo:
     output:
         passing=directory("results/demo/published/pass"),
         altered=directory("results/demo/published/altered"),
+    log:
+        "logs/demo/publish_demo.log",
+    conda:
+        "../envs/remerge.yaml"
+    resources:
+        mem_mb=500,
+        runtime=10,
     params:
-        model_dir="results/seed/single/model",
+        model_dir=lambda wc, input: os.path.dirname(input.index),
         recipe=seed_recipe_text,
         author_paths=lambda wc: {
             wf.model_reference(m, MODELS[m]): f"{wf.DEMO_AUTHOR_DIR}/{m}"
             for m in MERGES["seed"].models()
         },
-    resources:
-        mem_mb=500,
-        runtime=10,
-    log:
-        "logs/demo/publish_demo.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/publish_demo.py"
 
@@ -36,6 +36,14 @@ rule audit_model:
     output:
         report="results/audits/{audit}/audit.json",
         markdown="results/audits/{audit}/audit.md",
+    log:
+        "logs/audits/{audit}/audit_model.log",
+    conda:
+        "../envs/remerge.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
     params:
         published=audit_published,
         recipe=lambda wc: AUDITS[wc.audit]["recipe"],
@@ -43,13 +51,5 @@ rule audit_model:
         transplant_from=audit_transplant,
         version=lambda wc: AUDITS[wc.audit]["mergekit_version"],
         models_dir="results/audits/models",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
-    log:
-        "logs/audits/{audit}/audit_model.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/audit_model.py"

@@ -8,11 +8,20 @@ rule write_model_card:
         recipe="results/{merge}/{point}/model/mergekit_config.yml",
         manifests=merge_manifest_files,
         scores=lambda wc: (
-            f"results/{wc.merge}/{wc.point}/scores.json" if MERGES[wc.merge].evaluate else []
+            f"results/{wc.merge}/{wc.point}/scores.json"
+            if MERGES[wc.merge].evaluate
+            else []
         ),
     output:
         card="results/{merge}/{point}/model/README.md",
         provenance="results/{merge}/{point}/provenance.json",
+    log:
+        "logs/{merge}/{point}/write_model_card.log",
+    conda:
+        "../envs/remerge.yaml"
+    resources:
+        mem_mb=500,
+        runtime=10,
     params:
         name=lambda wc: card_name(wc),
         manifests=merge_manifests,
@@ -25,12 +34,5 @@ rule write_model_card:
         },
         version=lambda wc: MERGES[wc.merge].mergekit_version,
         point=point_values,
-    resources:
-        mem_mb=500,
-        runtime=10,
-    log:
-        "logs/{merge}/{point}/write_model_card.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/write_model_card.py"

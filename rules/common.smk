@@ -89,9 +89,9 @@ def seed_recipe_text(wildcards):
 
 
 def plan_recipe_text(wildcards):
-    """The recipe the shard plan is made from: the first grid point's (layout is shared)."""
-    spec = MERGES[wildcards.merge]
-    return wf.render_recipe(spec, MODELS, spec.points[0])
+    """The recipe the shard plan is made from: the template, without grid values (the
+    layout does not depend on them, so changing the grid never re-plans)."""
+    return wf.render_recipe(MERGES[wildcards.merge], MODELS, {})
 
 
 def merge_manifests(wildcards):
@@ -127,9 +127,11 @@ def merge_mem_mb(plan_path, shard, attempt):
 
 
 def shard_digests(wildcards):
+    """The per-tensor sha256 files written next to each shard (digests/<shard>.json)."""
+    names = [os.path.basename(f) for f in shard_files(wildcards)]
     return [
-        f.replace("/model/", "/digests/").replace(".safetensors", ".json")
-        for f in shard_files(wildcards)
+        f"results/{wildcards.merge}/{wildcards.point}/digests/{n.removesuffix('.safetensors')}.json"
+        for n in names
     ]
 
 
@@ -144,8 +146,12 @@ def transplant_donor(wildcards):
 def reference_models():
     if not EVAL["references"]:
         return []
-    used = [m for spec in MERGES.values() if spec.evaluate for m in spec.models()]
-    return list(dict.fromkeys(used))
+    specs = [spec for spec in MERGES.values() if spec.evaluate]
+    bases = [
+        spec.recipe.get("base_model") for spec in specs if spec.recipe.get("base_model")
+    ]
+    used = bases + [m for spec in specs for m in spec.models()]
+    return list(dict.fromkeys(used))  # the base models first
 
 
 # --- final targets --------------------------------------------------------------------------
@@ -165,9 +171,19 @@ def get_final_output():
 
 def eval_settings(wildcards):
     """The evaluation settings, as a plain dict (its repr is what rerun detection compares)."""
-    keys = ("preset", "tasks", "limit", "batch_size", "dtype", "device",
-            "apply_chat_template", "fewshot_as_multiturn", "seed", "log_samples",
-            "trust_remote_code")
+    keys = (
+        "preset",
+        "tasks",
+        "limit",
+        "batch_size",
+        "dtype",
+        "device",
+        "apply_chat_template",
+        "fewshot_as_multiturn",
+        "seed",
+        "log_samples",
+        "trust_remote_code",
+    )
     return {k: EVAL[k] for k in keys}
 
 
@@ -224,7 +240,9 @@ def audit_published_input(wildcards):
 
 
 def audit_path_map(wildcards):
-    return {k: _resolve_to(v) for k, v in AUDITS[wildcards.audit]["path_map"].items()}
+    """Sorted: a params dict's repr (what rerun detection compares) depends on key order."""
+    path_map = AUDITS[wildcards.audit]["path_map"]
+    return {k: _resolve_to(path_map[k]) for k in sorted(path_map)}
 
 
 def audit_transplant(wildcards):

@@ -9,24 +9,26 @@ rule evaluate_model:
     output:
         results="results/{merge}/{point}/eval/results.json",
         scores="results/{merge}/{point}/scores.json",
-    params:
-        model_dir=lambda wc: f"results/{wc.merge}/{wc.point}/model",
-        settings=eval_settings,
-        offline=lambda wc: eval_offline(),
-        samples=lambda wc: (
-            f"results/{wc.merge}/{wc.point}/eval/samples" if EVAL["log_samples"] else None
-        ),
-    threads: min(2, workflow.cores)
-    resources:
-        mem_mb=4000,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
     log:
         "logs/{merge}/{point}/evaluate_model.log",
     benchmark:
         "benchmarks/{merge}/{point}/evaluate_model.tsv"
     conda:
         "../envs/remerge.yaml"
+    threads: min(2, workflow.cores)
+    resources:
+        mem_mb=4000,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+    params:
+        model_dir=lambda wc: f"results/{wc.merge}/{wc.point}/model",
+        settings=eval_settings,
+        offline=lambda wc: eval_offline(),
+        samples=lambda wc: (
+            f"results/{wc.merge}/{wc.point}/eval/samples"
+            if EVAL["log_samples"]
+            else None
+        ),
     script:
         "../scripts/evaluate_model.py"
 
@@ -37,23 +39,25 @@ rule evaluate_reference:
     output:
         results="results/references/{model}/eval/results.json",
         scores="results/references/{model}/scores.json",
-    params:
-        model_dir=None,
-        settings=eval_settings,
-        offline=lambda wc: eval_offline(),
-        samples=lambda wc: (
-            f"results/references/{wc.model}/eval/samples" if EVAL["log_samples"] else None
-        ),
-    threads: min(2, workflow.cores)
-    resources:
-        mem_mb=4000,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
     log:
         "logs/references/{model}/evaluate_reference.log",
     benchmark:
         "benchmarks/references/{model}/evaluate_reference.tsv"
     conda:
         "../envs/remerge.yaml"
+    threads: min(2, workflow.cores)
+    resources:
+        mem_mb=4000,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+    params:
+        model_dir=None,
+        settings=eval_settings,
+        offline=lambda wc: eval_offline(),
+        samples=lambda wc: (
+            f"results/references/{wc.model}/eval/samples"
+            if EVAL["log_samples"]
+            else None
+        ),
     script:
         "../scripts/evaluate_model.py"

@@ -4,10 +4,14 @@
 rule collect_grid:
     input:
         scores=lambda wc: expand(
-            "results/{merge}/{point}/scores.json", merge=wc.merge, point=points(wc.merge)
+            "results/{merge}/{point}/scores.json",
+            merge=wc.merge,
+            point=points(wc.merge),
         ),
         tensors=lambda wc: expand(
-            "results/{merge}/{point}/tensors.json", merge=wc.merge, point=points(wc.merge)
+            "results/{merge}/{point}/tensors.json",
+            merge=wc.merge,
+            point=points(wc.merge),
         ),
         references=lambda wc: expand(
             "results/references/{model}/scores.json", model=reference_models()
@@ -25,16 +29,16 @@ rule collect_grid:
             category="Grids",
             labels={"merge": "{merge}", "figure": "heatmaps"},
         ),
-    params:
-        points=lambda wc: {p: point_values_of(wc.merge, p) for p in points(wc.merge)},
-        references=lambda wc: reference_models(),
-        merge=lambda wc: wc.merge,
-    resources:
-        mem_mb=1000,
-        runtime=10,
     log:
         "logs/{merge}/collect_grid.log",
     conda:
         "../envs/remerge.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        points=lambda wc: {p: point_values_of(wc.merge, p) for p in points(wc.merge)},
+        references=lambda wc: reference_models(),
+        merge=lambda wc: wc.merge,
     script:
         "../scripts/collect_grid.py"

@@ -6,18 +6,18 @@ checkpoint plan_merge:
         manifests=merge_manifest_files,
     output:
         plan="results/{merge}/plan.json",
+    log:
+        "logs/{merge}/plan_merge.log",
+    conda:
+        "../envs/remerge.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
     params:
         recipe=plan_recipe_text,
         manifests=merge_manifests,
         version=lambda wc: MERGES[wc.merge].mergekit_version,
         out_shard_size=lambda wc: MERGES[wc.merge].out_shard_size,
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    log:
-        "logs/{merge}/plan_merge.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/plan_merge.py"
 
@@ -29,20 +29,20 @@ rule merge_shard:
     output:
         shard="results/{merge}/{point}/model/{shard}.safetensors",
         digests="results/{merge}/{point}/digests/{shard}.json",
-    params:
-        recipe=recipe_text,
-        manifests=merge_manifests,
-        version=lambda wc: MERGES[wc.merge].mergekit_version,
-    threads: min(4, workflow.cores)
-    resources:
-        mem_mb=lambda wc, input, attempt: merge_mem_mb(input.plan, wc.shard, attempt),
-        runtime=60,
     log:
         "logs/{merge}/{point}/merge_shard/{shard}.log",
     benchmark:
         "benchmarks/{merge}/{point}/merge_shard/{shard}.tsv"
     conda:
         "../envs/remerge.yaml"
+    threads: min(4, workflow.cores)
+    resources:
+        mem_mb=lambda wc, input, attempt: merge_mem_mb(input.plan, wc.shard, attempt),
+        runtime=60,
+    params:
+        recipe=recipe_text,
+        manifests=merge_manifests,
+        version=lambda wc: MERGES[wc.merge].mergekit_version,
     script:
         "../scripts/merge_shard.py"
 
@@ -56,14 +56,14 @@ rule assemble_model:
         index="results/{merge}/{point}/model/model.safetensors.index.json",
         recipe="results/{merge}/{point}/model/mergekit_config.yml",
         tensors="results/{merge}/{point}/tensors.json",
-    params:
-        recipe=recipe_text,
-    resources:
-        mem_mb=500,
-        runtime=10,
     log:
         "logs/{merge}/{point}/assemble_model.log",
     conda:
         "../envs/remerge.yaml"
+    resources:
+        mem_mb=500,
+        runtime=10,
+    params:
+        recipe=recipe_text,
     script:
         "../scripts/assemble_model.py"

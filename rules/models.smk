@@ -6,19 +6,19 @@ rule build_demo_models:
     output:
         base=directory("results/demo/base"),
         instruct=directory("results/demo/instruct"),
-    params:
-        out_dir="results/demo",
-        seed=config["demo"]["seed"],
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         "logs/demo/build_demo_models.log",
     benchmark:
         "benchmarks/demo/build_demo_models.tsv"
     conda:
         "../envs/remerge.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        out_dir=lambda wc, output: os.path.dirname(output.base),
+        seed=config["demo"]["seed"],
     script:
         "../scripts/build_demo_models.py"
 
@@ -28,15 +28,15 @@ rule record_model:
         local_folder,
     output:
         manifest="results/models/{model}/manifest.json",
+    log:
+        "logs/models/{model}/record_model.log",
     wildcard_constraints:
         model="|".join(local_models()) or "^$",
+    conda:
+        "../envs/remerge.yaml"
     resources:
         mem_mb=500,
         runtime=30,
-    log:
-        "logs/models/{model}/record_model.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/record_model.py"
 
@@ -44,21 +44,21 @@ rule record_model:
 rule download_model:
     output:
         manifest="results/models/{model}/manifest.json",
+    log:
+        "logs/models/{model}/download_model.log",
     wildcard_constraints:
         model="|".join(hub_models()) or "^$",
-    params:
-        repo=lambda wc: MODELS[wc.model]["repo"],
-        revision=lambda wc: MODELS[wc.model].get("revision", "main"),
-        out_dir=lambda wc: f"results/models/{wc.model}",
+    retries: 2
+    conda:
+        "../envs/remerge.yaml"
     threads: 2
     resources:
         mem_mb=2000,
         runtime=240,
         network=1,
-    retries: 2
-    log:
-        "logs/models/{model}/download_model.log",
-    conda:
-        "../envs/remerge.yaml"
+    params:
+        repo=lambda wc: MODELS[wc.model]["repo"],
+        revision=lambda wc: MODELS[wc.model].get("revision", "main"),
+        out_dir=lambda wc: f"results/models/{wc.model}",
     script:
         "../scripts/download_model.py"

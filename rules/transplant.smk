@@ -7,11 +7,18 @@ rule transplant_configs:
         index="results/{merge}/{point}/model/model.safetensors.index.json",
         manifests=merge_manifest_files,
         donor=lambda wc: (
-            manifest(transplant_donor(wc)) if transplant_donor(wc) else []
+            [manifest(transplant_donor(wc))] if transplant_donor(wc) else []
         ),
     output:
         config="results/{merge}/{point}/model/config.json",
         record="results/{merge}/{point}/configs.json",
+    log:
+        "logs/{merge}/{point}/transplant_configs.log",
+    conda:
+        "../envs/remerge.yaml"
+    resources:
+        mem_mb=500,
+        runtime=10,
     params:
         recipe=recipe_text,
         manifests=merge_manifests,
@@ -21,12 +28,5 @@ rule transplant_configs:
             else None
         ),
         version=lambda wc: MERGES[wc.merge].mergekit_version,
-    resources:
-        mem_mb=500,
-        runtime=10,
-    log:
-        "logs/{merge}/{point}/transplant_configs.log",
-    conda:
-        "../envs/remerge.yaml"
     script:
         "../scripts/transplant_configs.py"
