@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,7 +25,7 @@ import torch
 
 from remerge.errors import ModelError, RecipeError
 from remerge.methods import LEGACY
-from remerge.tensor_ops import linear, task_arithmetic, tensor_seed
+from remerge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
 from remerge.recipe import Recipe, tensor_parameters
 from remerge.layout import INDEX_NAME
 from remerge.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, cut_shards, write_index
@@ -177,9 +179,10 @@ def plan_merge(
 
 
 def merge_tensor(
-    recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder], seed: int = 0
+    recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder], seed: int = 0,
+    pool: Executor | None = None,
 ) -> torch.Tensor:
-    """Compute one output tensor from the inputs' tensors (read now, dropped after)."""
+    """Compute one output tensor; inputs are read when needed and dropped after use."""
     compute = TORCH_NAMES[tensor.compute_dtype]
     present = [ref for ref, src in tensor.sources.items() if src]
     mergers = [ref for ref in recipe.mergers if ref in present]
@@ -191,9 +194,9 @@ def merge_tensor(
         result = linear([load(ref) for ref in mergers], weights, shared["normalize"], recipe.version)
     else:
         seeds = [tensor_seed(seed, tensor.name, recipe.inputs.index(ref)) for ref in mergers]
-        result = task_arithmetic(
-            method, load(recipe.base_model), [load(ref) for ref in mergers],
-            [per_model[ref] for ref in mergers], shared, recipe.version, seeds,
+        result = task_arithmetic_streamed(
+            method, load(recipe.base_model), [partial(load, ref) for ref in mergers],
+            [per_model[ref] for ref in mergers], shared, recipe.version, seeds, pool,
         )
     return result.to(DTYPES[tensor.dtype])
 
@@ -214,9 +217,13 @@ def merge_shard(
     names = plan.shards[index]
     layout = [(n, plan.tensors[n].dtype, plan.tensors[n].shape) for n in names]
     started = time.monotonic()
-    with ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
+    # Sparsification sorts run on this pool (one per merged model); the writer runs on its own
+    # thread, so computing tensor i+1 overlaps writing tensor i.
+    workers = threads or torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
         for i, name in enumerate(names, 1):
-            writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed))
+            writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed, pool))
             log.debug("shard %d: %d/%d %s", index + 1, i, len(names), name)
     log.info("wrote %s (%d tensors, %.1f MB) in %.1fs", out_path, len(names),
              plan.shard_bytes(index) / 1e6, time.monotonic() - started)

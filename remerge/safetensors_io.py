@@ -18,8 +18,10 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -227,15 +229,17 @@ def shard_layout(
 
 
 class ShardWriter:
-    """Writes one safetensors shard tensor by tensor, atomically.
+    """Writes one safetensors shard tensor by tensor, atomically, on a background thread.
 
-    Usage: `with ShardWriter(path, layout) as w: w.write(name, tensor) ...`. On leaving the
-    block without error every tensor must have been written; the file is then flushed,
-    fsynced and renamed into place. On error the temporary file is removed.
+    Usage: `with ShardWriter(path, layout) as w: w.write(name, tensor) ...`. `write` hands the
+    tensor to a writer thread (at most `queue` tensors wait), so the caller computes the next
+    tensor while this one goes to disk. On leaving the block without error every tensor must
+    have been written; the file is then flushed, fsynced and renamed into place. On error the
+    temporary file is removed.
     """
 
     def __init__(self, path: str | Path, tensors: Sequence[tuple[str, str, Sequence[int]]],
-                 metadata: Mapping[str, str] | None = None, digests: bool = False):
+                 metadata: Mapping[str, str] | None = None, digests: bool = False, queue: int = 1):
         self.path = Path(path)
         # sha256 of each tensor's bytes, when asked (for provenance)
         self.digests: dict[str, str] | None = {} if digests else None
@@ -244,10 +248,15 @@ class ShardWriter:
         self.expected = {name: (dtype, tuple(shape)) for name, dtype, shape in tensors}
         self.written: set[str] = set()
         self._file = None
+        self._queue: Queue = Queue(maxsize=queue)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __enter__(self) -> "ShardWriter":
         self._file = open(self.tmp, "wb")
         self._file.write(self.header)
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -257,6 +266,19 @@ class ShardWriter:
                 f"tensor {name}: computed {tensor.dtype} {tuple(tensor.shape)}, "
                 f"planned {dtype} {shape}"
             )
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, tensor))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write_now(*item)
+                except BaseException as err:  # handed to the caller's thread
+                    self._error = err
+
+    def _write_now(self, name: str, tensor: torch.Tensor) -> None:
         start, _ = self.offsets[name]
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.seek(len(self.header) + start)
@@ -266,9 +288,13 @@ class ShardWriter:
         self.written.add(name)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._queue.put(None)
+        self._thread.join()
         f, self._file = self._file, None
         try:
             if exc_type is None:
+                if self._error is not None:
+                    raise self._error
                 missing = sorted(set(self.expected) - self.written)
                 if missing:
                     raise ValueError(f"{self.path}: tensors never written: {missing[:5]}")

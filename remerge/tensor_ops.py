@@ -12,7 +12,8 @@ the number of merged (non-base) models in recipe order.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from concurrent.futures import Executor
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -22,47 +23,67 @@ from remerge.methods import LEGACY, MethodSpec
 # --- sparsification: which entries of one task vector survive ------------------------------
 
 
-def _magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| flattened, as float32 (mergekit ranks CPU magnitudes in float32)."""
-    return delta.abs().reshape(-1).float()
+def rank_positions(delta: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Flat positions of `delta` ordered by |delta| as float32, as mergekit ranks them.
 
-
-def magnitude_mask(delta: torch.Tensor, density: float, version: str) -> torch.Tensor:
-    """0/1 mask (dtype of delta) keeping the k largest |delta|, k = int(density * numel).
-
-    Ties at the cut follow torch's descending argsort, exactly as mergekit ranks them.
+    The same sort kernel as mergekit's `torch.argsort(w, descending=True)` / `torch.sort(w)`
+    (torch's default sort is not stable; calling the same kernel on the same float32 keys is
+    what makes ties at the cut fall the same way). Sorted in place: |delta| and int64 indices,
+    12 bytes per element, no further copy.
     """
+    keys = delta.abs().reshape(-1).float()  # a new tensor: abs() never aliases
+    order = torch.empty(keys.numel(), dtype=torch.int64)
+    torch.sort(keys, descending=descending, out=(keys, order))
+    return order
+
+
+def magnitude_dropped(delta: torch.Tensor, density: float, version: str) -> torch.Tensor:
+    """Positions outside the k largest |delta|, k = int(density * numel) (at least 1 in 0.1.5)."""
     k = int(density * delta.numel())
     if version != LEGACY:
         k = max(1, k)
     if k == 0:  # mergekit 0.0.5.1 stops here with an assertion
         raise ValueError(f"density {density} keeps no element of a tensor of {delta.numel()}")
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[torch.argsort(_magnitudes(delta), descending=True)[:k]] = 1
-    return mask.reshape(delta.shape)
+    return rank_positions(delta, descending=True)[k:]
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float, version: str) -> torch.Tensor:
-    """Breadcrumbs: drop the `gamma` share of largest |delta| and the smallest, keep `density`.
+def outlier_dropped(delta: torch.Tensor, density: float, gamma: float, version: str) -> torch.Tensor:
+    """Breadcrumbs: positions outside the kept band of ascending |delta|.
 
-    Ascending rank order; the kept band is [n_bot, n_bot + target) (0.1.5) or
-    [n_bot, numel - n_top) (0.0.5.1, which keeps nothing when n_top ends up 0).
+    The band drops the `gamma` share of largest entries and the smallest ones, keeping
+    `density`: [n_bot, n_bot + target) in 0.1.5; [n_bot, numel - n_top) in 0.0.5.1, whose
+    slice `[n_bot:-n_top]` keeps nothing when n_top ends up 0.
     """
     numel = delta.numel()
     target = int(density * numel)
     n_top = int(gamma * numel)
-    order = torch.sort(_magnitudes(delta), descending=False).indices
+    order = rank_positions(delta, descending=False)
     if version == LEGACY:
         n_bot = numel - target - n_top
         if n_bot < 0:
             n_top, n_bot = n_top + n_bot, 0
-        kept = order[n_bot:-n_top]  # an empty slice when n_top == 0, as in 0.0.5.1
-    else:
-        n_bot = max(0, numel - target - n_top)
-        kept = order[n_bot : n_bot + target]
-    mask = torch.zeros(numel, dtype=delta.dtype)
-    mask[kept] = 1
+        if n_top == 0:
+            return order
+        return torch.cat([order[:n_bot], order[numel - n_top :]])
+    n_bot = max(0, numel - target - n_top)
+    return torch.cat([order[:n_bot], order[n_bot + target :]])
+
+
+def keep_mask(delta: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """0/1 mask in delta's dtype, 0 at the dropped positions."""
+    mask = torch.ones(delta.numel(), dtype=delta.dtype)
+    mask[dropped] = 0
     return mask.reshape(delta.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, version: str) -> torch.Tensor:
+    """TIES: keep the k largest |delta| (ties at the cut as mergekit's argsort orders them)."""
+    return keep_mask(delta, magnitude_dropped(delta, density, version))
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float, version: str) -> torch.Tensor:
+    """Breadcrumbs' mask (see `outlier_dropped`)."""
+    return keep_mask(delta, outlier_dropped(delta, density, gamma, version))
 
 
 def random_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
@@ -137,6 +158,33 @@ def weight_column(weights: Sequence[float], dtype: torch.dtype, ndim: int) -> to
     return torch.tensor(list(weights), dtype=dtype).reshape(-1, *([1] * ndim))
 
 
+def combine(
+    method: MethodSpec, base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float],
+    shared: dict[str, Any],
+) -> torch.Tensor:
+    """Weight the (sparsified) task vectors, elect signs, mix, normalize, add to the base.
+
+    deltas: (n, *shape) in base's dtype; modified in place.
+    """
+    w = weight_column(weights, deltas.dtype, base.ndim)  # (n, 1, ..., 1)
+    if not bool((w == 1).all()):  # x * 1 is exact: skip the pass
+        deltas.mul_(w)
+    if method.consensus:
+        mask = consensus_mask(deltas, shared["int8_mask"])
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if shared["normalize"]:
+        mixed /= divisor
+    if shared.get("lambda", 1.0) != 1:
+        mixed *= shared["lambda"]
+    return (base + mixed).to(base.dtype)
+
+
 def task_arithmetic(
     method: MethodSpec,
     base: torch.Tensor,
@@ -146,28 +194,95 @@ def task_arithmetic(
     version: str,
     seeds: Sequence[int],
 ) -> torch.Tensor:
-    """Generalized task arithmetic (TIES, DARE, breadcrumbs...) of one tensor, in base's dtype."""
+    """Generalized task arithmetic (TIES, DARE, breadcrumbs...) of one tensor, in base's dtype:
+    the reference form, step by step as mergekit computes it."""
     if not inputs:
         return base
     deltas = base.new_empty((len(inputs), *base.shape))  # (n, *shape)
     for i, (x, p) in enumerate(zip(inputs, params)):
         deltas[i] = sparsify(method, x - base, p, shared["rescale"], version, seeds[i])
-    weights = weight_column([p["weight"] for p in params], deltas.dtype, base.ndim)
-    deltas.mul_(weights)
-    if method.consensus:
-        mask = consensus_mask(deltas, shared["int8_mask"])
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+    return combine(method, base, deltas, [p["weight"] for p in params], shared)
+
+
+def is_plain_difference(
+    method: MethodSpec, base: torch.Tensor, params: Sequence[dict[str, Any]], shared: dict[str, Any],
+) -> bool:
+    """One model, weight exactly 1 in the compute dtype, no sparsification, no lambda: then
+    the whole computation is `base + (x - base)` in the compute dtype, bit for bit.
+
+    (Sign election keeps every nonzero entry; normalizing divides by the weight 1; the entries
+    it drops are zeros, and a dropped -0 can only arise where base is +0, where adding +0 or
+    -0 gives the same +0.)
+    """
+    if len(params) != 1 or shared.get("lambda", 1.0) != 1:
+        return False
+    p = params[0]
+    if method.sparsification is not None and p.get("density", 1.0) < 1:
+        return False
+    return weight_column([p["weight"]], base.dtype, 0).item() == 1
+
+
+def sparsify_(
+    method: MethodSpec, delta: torch.Tensor, params: dict[str, Any], rescale: bool,
+    version: str, seed: int,
+) -> None:
+    """`sparsify` in place on a contiguous task vector, without building a mask.
+
+    Dropped entries become +0 where `delta * mask` gives -0 for negative entries; every use
+    of a task vector ends in a sum over models, which starts from +0, so the sign of a zero
+    never reaches the result.
+    """
+    density = params["density"]
+    if method.sparsification is None or density >= 1:
+        return
+    if method.sparsification == "random":
+        delta.copy_(sparsify(method, delta, params, rescale, version, seed))
+        return
+    if method.sparsification == "magnitude":
+        dropped = magnitude_dropped(delta, density, version)
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if shared["normalize"]:
-        mixed /= divisor
-    if shared.get("lambda", 1.0) != 1:
-        mixed *= shared["lambda"]
-    return (base + mixed).to(base.dtype)
+        dropped = outlier_dropped(delta, density, params["gamma"], version)
+    before = delta.abs().sum() if rescale else None
+    delta.view(-1)[dropped] = 0
+    del dropped
+    if rescale:
+        after = delta.abs().sum()
+        if version == LEGACY:
+            if before >= 1e-8 and after >= 1e-8:
+                delta.mul_(before / after)
+        elif not (before < 1e-7 or after < 1e-7):
+            delta.mul_(before / after)
+
+
+def task_arithmetic_streamed(
+    method: MethodSpec,
+    base: torch.Tensor,
+    loaders: Sequence[Callable[[], torch.Tensor]],
+    params: Sequence[dict[str, Any]],
+    shared: dict[str, Any],
+    version: str,
+    seeds: Sequence[int],
+    pool: Executor | None = None,
+) -> torch.Tensor:
+    """`task_arithmetic`, bit for bit, with less work and memory: inputs are read one at a
+    time into the stacked task vectors, sparsified in place (in parallel on `pool`), and the
+    one-model weight-1 case is two passes."""
+    if not loaders:
+        return base
+    first = loaders[0]()
+    if is_plain_difference(method, base, params, shared):
+        delta = torch.sub(first, base)
+        if bool(torch.isfinite(delta).all()):  # NaN and inf take the step-by-step path
+            return torch.add(base, delta, out=delta)
+    deltas = base.new_empty((len(loaders), *base.shape))  # (n, *shape)
+    torch.sub(first, base, out=deltas[0])
+    del first
+    for i, load in enumerate(loaders[1:], 1):
+        torch.sub(load(), base, out=deltas[i])
+    jobs = [(deltas[i], params[i], seeds[i]) for i in range(len(loaders))]
+    run = lambda job: sparsify_(method, job[0], job[1], shared["rescale"], version, job[2])  # noqa: E731
+    list(pool.map(run, jobs) if pool is not None else map(run, jobs))
+    return combine(method, base, deltas, [p["weight"] for p in params], shared)
 
 
 def linear(

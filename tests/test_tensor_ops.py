@@ -126,3 +126,57 @@ def test_dare_ties_merge_is_deterministic():
     run = lambda: task_arithmetic(DARE, base, xs, params(0.5, 0.5, density=0.4), shared, "0.1.5",  # noqa: E731
                                   [tensor_seed(7, "t", i) for i in range(2)])
     assert torch.equal(run(), run())
+
+
+def tricky(seed: int, n: int, dtype, shape=(40, 30)):
+    """A base and n inputs with exact zeros, -0, equal magnitudes and mixed signs."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    base.view(-1)[:7] = 0.0
+    base.view(-1)[7:9] = -0.0
+    xs = []
+    for i in range(n):
+        step = torch.randint(-3, 4, shape, generator=g).to(torch.float32) * 2.0**-7  # many ties
+        x = (base.float() + step).to(dtype)
+        x.view(-1)[i * 5 : i * 5 + 5] = base.view(-1)[i * 5 : i * 5 + 5]  # zero deltas
+        x.view(-1)[7] = -0.0
+        xs.append(x)
+    return base, xs
+
+
+@pytest.mark.parametrize("method_name", ["ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from remerge.tensor_ops import task_arithmetic_streamed
+
+    method = METHODS[method_name]
+    for case, (weights, density, normalize, lam, rescale) in enumerate([
+        ([1.0] * n, 1.0, True, 1.0, False),
+        ([0.3, 0.7, 1.0][:n], 0.5, False, 1.0, False),
+        ([1.0, 0.5, 0.25][:n], 0.37, True, 0.8, True),
+        ([0.0, 1.0, 2.0][:n], 0.9, True, 1.0, False),
+    ]):
+        base, xs = tricky(case + 10 * n, n, dtype)
+        params = [{"weight": w, "density": density, "gamma": 0.05} for w in weights]
+        shared = {"int8_mask": True, "normalize": normalize, "rescale": rescale, "lambda": lam}
+        seeds = [tensor_seed(case, "t", i) for i in range(n)]
+        for version in ("0.1.5", "0.0.5.1"):
+            ref = task_arithmetic(method, base, xs, params, shared, version, seeds)
+            with ThreadPoolExecutor(2) as pool:
+                fast = task_arithmetic_streamed(method, base, [lambda x=x: x.clone() for x in xs],
+                                                params, shared, version, seeds, pool)
+            assert torch.equal(ref.view(-1).view(torch.uint8), fast.view(-1).view(torch.uint8)), (case, version)
+
+
+def test_plain_difference_falls_back_on_nan():
+    from remerge.tensor_ops import task_arithmetic_streamed
+
+    base = torch.zeros(4, dtype=torch.bfloat16)
+    x = torch.tensor([1.0, float("nan"), -2.0, 0.0], dtype=torch.bfloat16)
+    params, shared = [{"weight": 1.0, "density": 1.0}], {**SHARED, "int8_mask": True}
+    ref = task_arithmetic(TIES, base, [x], params, shared, "0.1.5", [0])
+    fast = task_arithmetic_streamed(TIES, base, [lambda: x], params, shared, "0.1.5", [0])
+    assert torch.equal(ref.view(torch.int16), fast.view(torch.int16))  # NaN dropped by sign election
