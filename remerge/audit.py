@@ -255,11 +255,18 @@ def compare_tensors(expected: Iterator[tuple[str, Any]], published) -> dict[str,
 # --- comparing json files ------------------------------------------------------------------
 
 
+# Keys that record the author's installation, not the model: reported, never a difference.
+INSTALLATION_KEYS = ("_name_or_path", "transformers_version")
+
+
 def json_diff(ours: Any, theirs: Any, prefix: str = "") -> list[dict[str, Any]]:
-    """Dotted keys whose values differ, with both values (absent -> null, marked)."""
+    """Dotted keys whose values differ, with both values (absent -> null, marked).
+    Top-level `INSTALLATION_KEYS` are left out."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
         out = []
         for key in sorted(set(ours) | set(theirs), key=str):
+            if not prefix and key in INSTALLATION_KEYS:
+                continue
             path = f"{prefix}.{key}" if prefix else str(key)
             if key not in ours:
                 out.append({"key": path, "expected": None, "published": theirs[key], "only_in": "published"})
@@ -363,12 +370,12 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> None:
 def expected_json(recipe, folders: Mapping[str, Path], transplant_from: Path | None) -> dict[str, Any]:
     """The json files the recipe produces: mergekit's config.json and the donor's tokenizer
     json files, then (with a transplant) every .json of the transplant donor but the index."""
-    from remerge.configs import TOKENIZER_FILES, donor, merged_config, transplant_files
+    from remerge.configs import donor, merged_config, tokenizer_files, transplant_files
 
     base = Path(folders[donor(recipe)])
     files: dict[str, Any] = {"config.json": merged_config(recipe, base)}
-    for name in TOKENIZER_FILES:
-        if name.endswith(".json") and (base / name).is_file():
+    for name in tokenizer_files(recipe, base):
+        if name.endswith(".json"):
             files[name] = _load_json(base / name)
     if transplant_from is not None:
         for name in transplant_files(transplant_from):

@@ -10,17 +10,29 @@ replaced by the instruct model's ("config transplant"), which also brings its
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Mapping
 
+import yaml
+
 from remerge.errors import ModelError
+from remerge.methods import LEGACY
 from remerge.recipe import Recipe
 from remerge.layout import INDEX_NAME
 from remerge.files import write_bytes_atomic
 
-# Copied from the donor when present, as mergekit's tokenizer copy does.
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model")
+log = logging.getLogger(__name__)
+
+# Copied byte for byte from the donor when it has tokenizer_config.json and tokenizer.json
+# (or tokenizer.model), as mergekit's tokenizer copy does; 0.1.5 copies more files.
+TOKENIZER_FILES = {
+    LEGACY: ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model"),
+    "0.1.5": ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+              "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+              "chat_template.json", "video_preprocessor_config.json"),
+}
 
 
 def donor(recipe: Recipe) -> str:
@@ -28,36 +40,79 @@ def donor(recipe: Recipe) -> str:
     return recipe.base_model or recipe.inputs[0]
 
 
-def merged_config(recipe: Recipe, folder: Path) -> dict:
-    """The donor's config.json with `torch_dtype` set as mergekit sets it."""
+def _read_config(recipe: Recipe, folder: Path) -> dict:
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ModelError(f"model {donor(recipe)}: cannot read {path}: {err.strerror}") from None
     except ValueError as err:
         raise ModelError(f"model {donor(recipe)}: {path} is not valid JSON: {err}") from None
+
+
+def config_text(recipe: Recipe, folder: Path) -> str:
+    """config.json of the merge: the donor's config with `torch_dtype = out_dtype or dtype`,
+    serialized as the followed mergekit's transformers writes it.
+
+    0.1.5 runs on transformers 5 (as remerge does): the config is loaded and saved by
+    transformers itself, so the bytes match. 0.0.5.1 ran on transformers 4: the donor's keys,
+    `_name_or_path` set to its reference, sorted, two-space indent (`transformers_version`
+    stays the donor's: the one key that depends on the author's installation).
+    """
     dtype = recipe.out_dtype or recipe.dtype
+    config = _read_config(recipe, folder)
+    if recipe.version != LEGACY:
+        try:
+            return _transformers_config_text(folder, dtype)
+        except Exception as err:  # not a config transformers can load: keep the donor's keys
+            log.warning("transformers cannot load %s/config.json (%s); writing its keys with "
+                        "`dtype` set instead of transformers' serialization", folder, err)
+            return json.dumps({**config, **({"dtype": dtype} if dtype else {})}, indent=2,
+                              sort_keys=True) + "\n"
+    config["_name_or_path"] = donor(recipe)
     if dtype:
         config["torch_dtype"] = dtype
-    return config
-
-
-def config_text(config: dict) -> str:
-    """JSON as transformers writes configs: sorted keys, two-space indent, final newline."""
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _transformers_config_text(folder: Path, dtype: str | None) -> str:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if dtype:
+        config.torch_dtype = dtype
+    return config.to_json_string()  # what save_pretrained writes
+
+
+def merged_config(recipe: Recipe, folder: Path) -> dict:
+    """The merge's config.json as a dict (for comparisons)."""
+    return json.loads(config_text(recipe, folder))
+
+
+def tokenizer_files(recipe: Recipe, src: Path) -> list[str]:
+    """The donor's files that mergekit's tokenizer copy takes."""
+    if not (src / "tokenizer_config.json").is_file() or not (
+        (src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()
+    ):
+        log.warning("model %s has no tokenizer_config.json with tokenizer.json/.model: no "
+                    "tokenizer copied (mergekit would re-serialize one with transformers)", donor(recipe))
+        return []
+    return [n for n in TOKENIZER_FILES[recipe.version] if (src / n).is_file()]
+
+
+def copy_tokenizer(recipe: Recipe, src: Path, out_dir: Path) -> list[str]:
+    """The donor's tokenizer files, byte for byte; returns the names copied."""
+    names = tokenizer_files(recipe, src)
+    for name in names:
+        shutil.copyfile(src / name, out_dir / name)
+    return names
 
 
 def write_merge_files(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: Path) -> list[str]:
     """config.json and the donor's tokenizer files, as mergekit writes them; returns the names."""
     src = Path(folders[donor(recipe)])
-    out_dir = Path(out_dir)
-    written = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out_dir / name)
-            written.append(name)
-    write_bytes_atomic(out_dir / "config.json", config_text(merged_config(recipe, src)).encode())
+    written = copy_tokenizer(recipe, src, Path(out_dir))
+    write_bytes_atomic(Path(out_dir) / "config.json", config_text(recipe, src).encode())
     return written + ["config.json"]
 
 
@@ -75,3 +130,27 @@ def transplant(donor_dir: Path, out_dir: Path) -> list[str]:
     for name in names:
         write_bytes_atomic(Path(out_dir) / name, (Path(donor_dir) / name).read_bytes())
     return names
+
+
+def mergekit_card(recipe: Recipe, name: str) -> str:
+    """README.md as mergekit writes it: front matter, method (linked to its paper), models
+    merged (recipe order; mergekit's own order comes from a Python set), the recipe verbatim."""
+    from remerge.models import HUB_ID
+
+    hub_ids = [ref for ref in recipe.inputs if HUB_ID.match(ref) and not Path(ref).exists()]
+    front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",
+                            "tags": ["mergekit", "merge"]}, sort_keys=False)
+    method = recipe.method
+    base = f" using {recipe.base_model} as a base" if recipe.base_model else ""
+    merged = "".join(f"* {ref}\n" for ref in recipe.inputs if ref != recipe.base_model or method.linear)
+    return (
+        f"---\n{front}\n---\n# {name}\n\n"
+        "This is a merge of pre-trained language models created using "
+        "[mergekit](https://github.com/cg123/mergekit).\n\n"
+        "## Merge Details\n### Merge Method\n\n"
+        f"This model was merged using the [{method.pretty_name}]({method.paper}) merge method{base}.\n\n"
+        "### Models Merged\n\nThe following models were included in the merge:\n"
+        f"{merged}\n### Configuration\n\n"
+        "The following YAML configuration was used to produce this model:\n\n"
+        f"```yaml\n{recipe.text}\n```\n"
+    )

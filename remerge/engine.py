@@ -239,7 +239,7 @@ def merge_model(
     leaves no file that looks like a finished model."""
     import shutil
 
-    from remerge.configs import write_merge_files
+    from remerge.configs import mergekit_card, write_merge_files
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +252,7 @@ def merge_model(
             merge_shard(plan, recipe, i, staging / name, threads=threads, seed=seed)
         write_index(plan, staging)
         write_bytes_atomic(staging / "mergekit_config.yml", recipe.text.encode("utf-8"))
+        write_bytes_atomic(staging / "README.md", mergekit_card(recipe, out_dir.name).encode("utf-8"))
         write_merge_files(recipe, folders, staging)
         last = [p for p in ("config.json",) if (staging / p).exists()]
         for item in sorted(staging.iterdir(), key=lambda p: p.name in last):

@@ -67,7 +67,9 @@ def test_merge_writes_a_complete_sharded_model(models):
         with safe_open(str(out / shard), "pt") as f:
             assert f.metadata() == {"format": "pt"}
     assert (out / "mergekit_config.yml").read_text() == fill(models)
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # mergekit 0.1.5 runs on transformers 5: `dtype`
+    assert (out / "README.md").read_text().startswith("---\nbase_model: []\n")
     assert not list(out.glob(".*"))  # no staging or temporary files left
 
 
@@ -184,3 +186,5 @@ def test_single_shard_layout_per_version(models):
     assert names == ["model-00001-of-00001.safetensors"]
     index = json.loads((models / "out" / "model.safetensors.index.json").read_text())
     assert index["metadata"] == {"mergekit_version": "0.0.5.1", "total_size": index["metadata"]["total_size"]}
+    config = json.loads((models / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["_name_or_path"] == str(models / "base")

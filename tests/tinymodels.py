@@ -57,6 +57,7 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
               "intermediate_size": INTER, "num_hidden_layers": layers, "vocab_size": VOCAB,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": HIDDEN // 4,
               "torch_dtype": dtype, "tie_word_embeddings": tied}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
