@@ -132,23 +132,32 @@ def transplant(donor_dir: Path, out_dir: Path) -> list[str]:
     return names
 
 
+def is_hub_id(ref: str) -> bool:
+    """mergekit's test for a hub id: not starting with / or ~, at most one /."""
+    return not ref.startswith(("/", "~")) and ref.count("/") == 1 and not Path(ref).exists()
+
+
+def _link(ref: str) -> str:
+    return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
+
+
 def mergekit_card(recipe: Recipe, name: str) -> str:
     """README.md as mergekit writes it: front matter, method (linked to its paper), models
     merged (recipe order; mergekit's own order comes from a Python set), the recipe verbatim."""
-    from remerge.models import HUB_ID
+    from remerge.methods import card_method
 
-    hub_ids = [ref for ref in recipe.inputs if HUB_ID.match(ref) and not Path(ref).exists()]
+    hub_ids = [ref for ref in recipe.inputs if is_hub_id(ref)]
     front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",
-                            "tags": ["mergekit", "merge"]}, sort_keys=False)
-    method = recipe.method
-    base = f" using {recipe.base_model} as a base" if recipe.base_model else ""
-    merged = "".join(f"* {ref}\n" for ref in recipe.inputs if ref != recipe.base_model or method.linear)
+                            "tags": ["mergekit", "merge"]})
+    base = f" using {_link(recipe.base_model)} as a base" if recipe.base_model else ""
+    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != recipe.base_model)
     return (
         f"---\n{front}\n---\n# {name}\n\n"
         "This is a merge of pre-trained language models created using "
         "[mergekit](https://github.com/cg123/mergekit).\n\n"
         "## Merge Details\n### Merge Method\n\n"
-        f"This model was merged using the [{method.pretty_name}]({method.paper}) merge method{base}.\n\n"
+        f"This model was merged using the {card_method(recipe.method, recipe.version)} merge "
+        f"method{base}.\n\n"
         "### Models Merged\n\nThe following models were included in the merge:\n"
         f"{merged}\n### Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"

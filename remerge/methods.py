@@ -84,3 +84,20 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dare_linear", "Linear DARE", DARE_PAPER, "random", False, False, True),
     )
 }
+
+
+# How mergekit 0.0.5.1's model card names each method (0.1.5: "[pretty name](paper)").
+LEGACY_CARD_NAMES = {
+    "linear": "[linear](https://arxiv.org/abs/2203.05482)",
+    "ties": f"[TIES]({TIES_PAPER})",
+    "task_arithmetic": "[task arithmetic](https://arxiv.org/abs/2212.04089)",
+    "dare_ties": f"[DARE]({DARE_PAPER}) [TIES]({TIES_PAPER})",
+    "dare_linear": f"linear [DARE]({DARE_PAPER})",
+}
+
+
+def card_method(method: MethodSpec, version: str) -> str:
+    """The method as the followed mergekit version's model card writes it."""
+    if version == LEGACY:
+        return LEGACY_CARD_NAMES.get(method.name, method.name)
+    return f"[{method.pretty_name}]({method.paper})"
