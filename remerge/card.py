@@ -160,10 +160,10 @@ def provenance_section(prov: Mapping[str, Any]) -> str:
     lines = ["## Provenance", "",
              f"Merged by remerge {prov['software']['remerge']} following mergekit "
              f"{prov['mergekit_semantics']}'s arithmetic byte for byte.", "",
-             "|Input|Source|Revision|Commit|", "|-----|------|--------|------|"]
+             "|Input|Name|Source|Revision|Commit|", "|-----|----|------|--------|------|"]
     for rec in prov["inputs"]:
-        lines.append(f"|{_hub_name(rec)}|{rec['source']}|{rec['requested_revision'] or '-'}|"
-                     f"{rec['commit'] or '-'}|")
+        lines.append(f"|{_hub_name(rec)}|{rec['name'] or '-'}|{rec['source']}|"
+                     f"{rec['requested_revision'] or '-'}|{rec['commit'] or '-'}|")
     lines += ["", "sha256 of the input files:", ""]
     for rec in prov["inputs"]:
         for f in rec["files"]:
@@ -185,7 +185,8 @@ def card_text(prov: Mapping[str, Any], recipe: Recipe, license: str | None) -> s
         library_name="transformers",
         tags=["mergekit", "merge"],
         license=license,
-        base_model=[_hub_name(inputs[ref]) for ref in recipe.inputs],
+        # hub ids only: the hub's metadata cannot point at a local folder
+        base_model=[inputs[ref]["repo_id"] for ref in recipe.inputs if inputs[ref]["repo_id"]] or None,
         model_name=prov["name"],
         eval_results=eval_results(prov["scores"]) or None,
     )
