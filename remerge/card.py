@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from remerge import __version__
 from remerge.methods import LEGACY
 from remerge.recipe import Recipe
-from remerge.scores import BENCHMARK_BY_NAME, CARD_ROWS, card_markdown, format_percent
+from remerge.scores import BENCHMARK_BY_NAME, CARD_ROWS, card_label, card_markdown, format_percent
 
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -113,7 +113,7 @@ def eval_results(scores: Mapping[str, Any] | None) -> list[EvalResult]:
             shots = BENCHMARK_BY_NAME[row].shots
             results.append(EvalResult(
                 task_type="text-generation", task_name="Text Generation", dataset_type=dataset,
-                dataset_name=f"{row} ({shots}-Shot)", dataset_args={"num_few_shot": shots},
+                dataset_name=card_label(row), dataset_args={"num_few_shot": shots},
                 metric_type=metric, metric_value=round(value, 2), metric_name=metric_name, **source,
             ))
         return results

@@ -151,6 +151,11 @@ _CARD_LABELS = {
 LEADERBOARD_SHOTS = {b.name: b.shots for b in BENCHMARKS}
 
 
+def card_label(key: str, shots: int | None = None) -> str:
+    """A row's label as the seed's card (and the leaderboard's bot) writes it: `GPQA (0-shot)`."""
+    return _CARD_LABELS[key].format(n=LEADERBOARD_SHOTS.get(key) if shots is None else shots)
+
+
 # ----------------------------------------------------------------------------- reading results
 
 
