@@ -146,7 +146,7 @@ def mergekit_card(recipe: Recipe, name: str) -> str:
     merged (recipe order; mergekit's own order comes from a Python set), the recipe verbatim."""
     from remerge.methods import card_method
 
-    hub_ids = [ref for ref in recipe.inputs if is_hub_id(ref)]
+    hub_ids = [ref.split("@")[0] for ref in recipe.inputs if is_hub_id(ref)]  # no revision
     front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",
                             "tags": ["mergekit", "merge"]})
     base = f" using {_link(recipe.base_model)} as a base" if recipe.base_model else ""
