@@ -37,6 +37,7 @@ from remerge.files import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 LM_HEAD = "lm_head.weight"
+LARGE_TENSOR_BYTES = 32 * 1024**2
 EMBED = "model.embed_tokens.weight"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -195,7 +196,7 @@ def merge_tensor(
     else:
         seeds = [tensor_seed(seed, tensor.name, recipe.inputs.index(ref)) for ref in mergers]
         result = task_arithmetic_streamed(
-            method, load(recipe.base_model), [partial(load, ref) for ref in mergers],
+            method, partial(load, recipe.base_model), [partial(load, ref) for ref in mergers],
             [per_model[ref] for ref in mergers], shared, recipe.version, seeds, pool,
         )
     return result.to(DTYPES[tensor.dtype])
@@ -223,6 +224,8 @@ def merge_shard(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
         for i, name in enumerate(names, 1):
+            if plan.tensors[name].nbytes >= LARGE_TENSOR_BYTES:
+                writer.wait()  # a large working set: do not hold the previous result too
             writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed, pool))
             log.debug("shard %d: %d/%d %s", index + 1, i, len(names), name)
     log.info("wrote %s (%d tensors, %.1f MB) in %.1fs", out_path, len(names),

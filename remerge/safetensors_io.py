@@ -1,7 +1,7 @@
 """Safetensors files: lazy reading of model folders, streaming atomic writing of shards.
 
 Reading: a model folder's tensors are listed from its headers only (`model.safetensors.index.json`
-or the `*.safetensors` files); a tensor is read when asked for (`safe_open`), so a shard job
+or the `*.safetensors` files); a tensor is read when asked for (a positioned read), so a shard job
 holds one tensor per input at a time. Every header is checked up front (length, JSON, dtypes,
 offsets within the file) so that a truncated or garbage shard fails with its file named
 before any work is done.
@@ -25,7 +25,6 @@ from queue import Queue
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 
 from remerge.errors import ModelError
 from remerge.files import write_bytes_atomic  # noqa: F401  (re-exported)
@@ -58,6 +57,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # where its bytes start in the file
 
     @property
     def numel(self) -> int:
@@ -71,8 +71,9 @@ class TensorInfo:
         return self.numel * element_size(self.dtype)
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header, checked against the file's size."""
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a safetensors file's header, checked against the file's size,
+    and where the data starts (8 + header length)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -95,7 +96,7 @@ def read_header(path: Path) -> dict[str, dict]:
     data_size = size - 8 - n
     for name, entry in header.items():
         _check_entry(path, name, entry, data_size)
-    return header
+    return header, 8 + n
 
 
 def _check_entry(path: Path, name: str, entry: dict, data_size: int) -> None:
@@ -127,11 +128,15 @@ class ModelFolder:
         self.label = label or str(path)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
-            for name, entry in read_header(file).items():
-                self.tensors[name] = TensorInfo(
-                    name, file, entry["dtype"], tuple(entry["shape"])
-                )
-        self._handles: dict[Path, object] = {}
+            header, data_start = read_header(file)
+            for name, entry in header.items():
+                if name in self.tensors:
+                    raise ModelError(f"model {self.label}: tensor {name} is in both "
+                                     f"{self.tensors[name].file.name} and {file.name}")
+                self.tensors[name] = TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]),
+                                                data_start + entry["data_offsets"][0])
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _weight_files(self) -> list[Path]:
         if not self.path.is_dir():
@@ -179,18 +184,34 @@ class ModelFolder:
             ) from None
 
     def load(self, name: str) -> torch.Tensor:
+        """Read one tensor with a positioned read into a fresh buffer (no mmap: the file's
+        pages never count as this process's memory). Safe to call from several threads."""
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as err:  # safetensors raises its own error types
-            raise ModelError(f"model {self.label}: cannot read tensor {name} from {info.file}: {err}") from None
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        got = os.preadv(self._fd(info.file), [buffer.numpy()], info.offset) if info.nbytes else 0
+        if got != info.nbytes:
+            raise ModelError(f"model {self.label}: {info.file} ended while reading tensor {name} "
+                             f"({got} of {info.nbytes} bytes): the file is truncated; copy it again")
+        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as err:
+                    raise ModelError(f"model {self.label}: cannot open {file}: {err.strerror}") from None
+            return self._fds[file]
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_fds"):  # construction may have failed on a bad header
+            self.close()
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -270,6 +291,10 @@ class ShardWriter:
             raise self._error
         self._queue.put((name, tensor))
 
+    def wait(self) -> None:
+        """Block until every tensor handed over so far is written (frees their memory)."""
+        self._queue.join()
+
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
@@ -277,6 +302,9 @@ class ShardWriter:
                     self._write_now(*item)
                 except BaseException as err:  # handed to the caller's thread
                     self._error = err
+            del item
+            self._queue.task_done()
+        self._queue.task_done()
 
     def _write_now(self, name: str, tensor: torch.Tensor) -> None:
         start, _ = self.offsets[name]

@@ -31,7 +31,12 @@ def rank_positions(delta: torch.Tensor, descending: bool) -> torch.Tensor:
     what makes ties at the cut fall the same way). Sorted in place: |delta| and int64 indices,
     12 bytes per element, no further copy.
     """
-    keys = delta.abs().reshape(-1).float()  # a new tensor: abs() never aliases
+    keys = delta.abs().reshape(-1)  # a new tensor: abs() never aliases
+    if keys.dtype not in (torch.bfloat16, torch.float16):
+        keys = keys.float()
+    # bf16 and fp16 keys are ranked as they are: their float32 values are exact and in the
+    # same order, and the sort decides by comparisons alone, so the permutation is the same
+    # (tested) at half the memory.
     order = torch.empty(keys.numel(), dtype=torch.int64)
     torch.sort(keys, descending=descending, out=(keys, order))
     return order
@@ -153,6 +158,15 @@ def consensus_mask(deltas: torch.Tensor, int8: bool) -> torch.Tensor:
     return sign == majority
 
 
+def masked_weight_sum(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(w * mask).sum(dim=0)` before its final rounding, without the (n, *shape) product:
+    float32 accumulation over the models in order, as torch's sum over dim 0 does."""
+    acc = torch.zeros(mask.shape[1:], dtype=torch.float32)
+    for i in range(mask.shape[0]):
+        acc.add_(mask[i], alpha=float(w[i]))
+    return acc
+
+
 def weight_column(weights: Sequence[float], dtype: torch.dtype, ndim: int) -> torch.Tensor:
     """Weights as a (n, 1, ..., 1) tensor of the compute dtype: 0.3 becomes 0.30078125 in bf16."""
     return torch.tensor(list(weights), dtype=dtype).reshape(-1, *([1] * ndim))
@@ -170,9 +184,11 @@ def combine(
     if not bool((w == 1).all()):  # x * 1 is exact: skip the pass
         deltas.mul_(w)
     if method.consensus:
-        mask = consensus_mask(deltas, shared["int8_mask"])
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        mask = consensus_mask(deltas, shared["int8_mask"])  # (n, *shape) bool
+        divisor = masked_weight_sum(w, mask).to(deltas.dtype)
+        deltas.mul_(mask)  # in place: the same values as `deltas * mask`
+        del mask
+        mixed = deltas.sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
@@ -254,9 +270,13 @@ def sparsify_(
             delta.mul_(before / after)
 
 
+SORT_BYTES_PER_ELEMENT = 20  # keys, int64 order and the sort's own int64 buffer
+PARALLEL_SORT_BYTES = 256 * 1024**2
+
+
 def task_arithmetic_streamed(
     method: MethodSpec,
-    base: torch.Tensor,
+    load_base: Callable[[], torch.Tensor],
     loaders: Sequence[Callable[[], torch.Tensor]],
     params: Sequence[dict[str, Any]],
     shared: dict[str, Any],
@@ -265,8 +285,10 @@ def task_arithmetic_streamed(
     pool: Executor | None = None,
 ) -> torch.Tensor:
     """`task_arithmetic`, bit for bit, with less work and memory: inputs are read one at a
-    time into the stacked task vectors, sparsified in place (in parallel on `pool`), and the
-    one-model weight-1 case is two passes."""
+    time into the stacked task vectors, sparsified in place (in parallel on `pool` when the
+    sorts fit in memory), the base is read again after the sorts rather than held through
+    them, and the one-model weight-1 case is two passes."""
+    base = load_base()
     if not loaders:
         return base
     first = loaders[0]()
@@ -281,7 +303,14 @@ def task_arithmetic_streamed(
         torch.sub(load(), base, out=deltas[i])
     jobs = [(deltas[i], params[i], seeds[i]) for i in range(len(loaders))]
     run = lambda job: sparsify_(method, job[0], job[1], shared["rescale"], version, job[2])  # noqa: E731
-    list(pool.map(run, jobs) if pool is not None else map(run, jobs))
+    # A sort holds 12 bytes per element (float32 keys + int64 order): sort large tensors one
+    # model at a time, so that memory stays near one tensor's working set.
+    numel = base.numel()
+    if method.sparsification is not None:
+        del base  # not needed through the sorts: read again below
+    parallel = pool is not None and SORT_BYTES_PER_ELEMENT * numel * len(jobs) <= PARALLEL_SORT_BYTES
+    list(pool.map(run, jobs) if parallel else map(run, jobs))
+    base = load_base() if method.sparsification is not None else base
     return combine(method, base, deltas, [p["weight"] for p in params], shared)
 
 

@@ -166,7 +166,7 @@ def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
         for version in ("0.1.5", "0.0.5.1"):
             ref = task_arithmetic(method, base, xs, params, shared, version, seeds)
             with ThreadPoolExecutor(2) as pool:
-                fast = task_arithmetic_streamed(method, base, [lambda x=x: x.clone() for x in xs],
+                fast = task_arithmetic_streamed(method, base.clone, [lambda x=x: x.clone() for x in xs],
                                                 params, shared, version, seeds, pool)
             assert torch.equal(ref.view(-1).view(torch.uint8), fast.view(-1).view(torch.uint8)), (case, version)
 
@@ -178,5 +178,5 @@ def test_plain_difference_falls_back_on_nan():
     x = torch.tensor([1.0, float("nan"), -2.0, 0.0], dtype=torch.bfloat16)
     params, shared = [{"weight": 1.0, "density": 1.0}], {**SHARED, "int8_mask": True}
     ref = task_arithmetic(TIES, base, [x], params, shared, "0.1.5", [0])
-    fast = task_arithmetic_streamed(TIES, base, [lambda: x], params, shared, "0.1.5", [0])
+    fast = task_arithmetic_streamed(TIES, lambda: base, [lambda: x], params, shared, "0.1.5", [0])
     assert torch.equal(ref.view(torch.int16), fast.view(torch.int16))  # NaN dropped by sign election
