@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import re
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -240,13 +242,13 @@ def merge_model(
     """The whole model folder, as `mergekit-yaml` writes it, built in a hidden staging folder
     and moved into `out_dir` only when complete (config.json last): a failed or killed run
     leaves no file that looks like a finished model."""
-    import shutil
-
     from remerge.configs import mergekit_card, write_merge_files
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".remerge-partial-{int(time.time())}"
+    for stale in out_dir.glob(".remerge-partial-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir / f".remerge-partial-{os.getpid()}"
     staging.mkdir()
     try:
         plan = plan_merge(recipe, folders, out_shard_size)

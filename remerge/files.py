@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove what killed writers of `path` left behind: the temporary `.{name}.tmp-<pid>`
+    files (or folders) next to it, which `os.replace` never moved into place. Call it only
+    where nothing else can be writing `path` now (a workflow job owns its outputs)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+    for tmp in stale:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return stale
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

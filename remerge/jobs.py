@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from remerge.configs import transplant, write_merge_files
-from remerge.files import sha256_file, write_json_atomic, write_text_atomic
+from remerge.files import (
+    remove_stale_temporaries, sha256_file, write_json_atomic, write_text_atomic,
+)
 from remerge.manifest import read_manifest
 from remerge.plan import Plan, index_json
 from remerge.recipe import parse_recipe
@@ -26,6 +28,15 @@ def model_folders(manifests: Mapping[str, str]) -> dict[str, Path]:
     return {ref: Path(read_manifest(path)["path"]) for ref, path in manifests.items()}
 
 
+def clear_stale(*outputs: str | Path | None) -> None:
+    """Remove the temporaries a killed earlier attempt of this job left next to its outputs
+    (a half-written shard can be gigabytes; nothing would ever remove it otherwise)."""
+    for output in outputs:
+        if output is not None:
+            for tmp in remove_stale_temporaries(output):
+                log.info("removed %s, left by an interrupted earlier run", tmp)
+
+
 def merge_one_shard(
     plan_path: str, recipe_text: str, version: str | None, shard_path: str,
     digests_path: str, threads: int | None = None,
@@ -36,6 +47,7 @@ def merge_one_shard(
     plan = Plan.from_json(Path(plan_path).read_text(), where=plan_path)
     recipe = parse_recipe(recipe_text, version=version)
     index = plan.shard_names.index(Path(shard_path).name)
+    clear_stale(shard_path, digests_path)
     digests = merge_shard(plan, recipe, index, shard_path, threads=threads, digests=True)
     write_json_atomic(digests_path, digests)
 
@@ -164,5 +176,6 @@ def evaluate_and_score(model_dir: str | None, manifest: str | None, settings: Ma
     from remerge.scores import scores_document
 
     folder = model_dir or read_manifest(manifest)["path"]
+    clear_stale(results_path, scores_path, samples_dir or Path(results_path).with_name("samples"))
     results = evaluate_model(folder, EvalSettings.from_mapping(settings), results_path, samples_dir)
     write_json_atomic(scores_path, scores_document(results))

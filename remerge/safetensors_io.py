@@ -96,6 +96,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     data_size = size - 8 - n
     for name, entry in header.items():
         _check_entry(path, name, entry, data_size)
+    _check_tiling(path, header, data_size)
     return header, 8 + n
 
 
@@ -114,6 +115,24 @@ def _check_entry(path: Path, name: str, entry: dict, data_size: int) -> None:
             f"{path}: tensor {name} ends at byte {end} but the file holds {data_size} bytes "
             "of data: the file is truncated or damaged; download or copy it again"
         )
+
+
+def _check_tiling(path: Path, header: dict[str, dict], data_size: int) -> None:
+    """The tensors' byte ranges must cover the data exactly, without overlap or gap (as
+    safetensors' own loader demands): otherwise two tensors could share bytes unnoticed."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        start, stop = entry["data_offsets"]
+        if start != end:
+            raise ModelError(
+                f"{path}: tensor {name} starts at data offset {start}, expected {end} "
+                f"({'overlapping' if start < end else 'a gap after'} the previous tensor): the "
+                "header is damaged; download or copy the file again"
+            )
+        end = stop
+    if end != data_size:
+        raise ModelError(f"{path}: the tensors end at data offset {end} but the file holds "
+                         f"{data_size} bytes of data: the file is damaged; copy it again")
 
 
 class ModelFolder:

@@ -133,7 +133,13 @@ class MergeSpec:
 def merge_spec(name: str, entry: Mapping[str, Any]) -> MergeSpec:
     recipe = entry["recipe"]
     if isinstance(recipe, str):
-        recipe = yaml.safe_load(recipe)
+        try:
+            recipe = yaml.safe_load(recipe)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" (line {where.line + 1} of the recipe text)" if where else ""
+            raise ConfigError(f"config error: merges.{name}.recipe: not valid YAML{line}: "
+                              f"{getattr(err, 'problem', err)}") from None
     grid = {k: [canonical(v) for v in vals] for k, vals in (entry.get("grid") or {}).items()}
     return MergeSpec(
         name=name, recipe=copy.deepcopy(recipe), grid=grid,
@@ -206,7 +212,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, MergeSpec]:
                               "(no slashes or leading dots)")
         entry = models[name]
         if "path" in entry and not Path(entry["path"]).is_dir():
-            raise ConfigError(f"config error: models.{name}.path: folder {entry['path']} does not exist")
+            what = "is a file, not a folder" if Path(entry["path"]).exists() else "does not exist"
+            raise ConfigError(f"config error: models.{name}.path: {entry['path']} {what}; give the "
+                              "folder that holds the model's safetensors and config.json")
     merges = {}
     for name, entry in (config.get("merges") or {}).items():
         if name in merges:
@@ -245,7 +253,11 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
     recipe = spec.recipe
     if not isinstance(recipe, dict) or not isinstance(recipe.get("models"), list):
         raise ConfigError(f"config error: {where}.recipe must be a mergekit recipe with `models:`")
-    for ref in [e.get("model") if isinstance(e, dict) else None for e in recipe["models"]] + (
+    for i, e in enumerate(recipe["models"]):
+        if not isinstance(e, dict) or "model" not in e:
+            raise ConfigError(f"config error: {where}.recipe.models[{i}]: {e!r} is not an entry "
+                              "`- model: NAME` (with optional `parameters:`)")
+    for ref in [e["model"] for e in recipe["models"]] + (
         [recipe["base_model"]] if recipe.get("base_model") else []
     ):
         if ref not in models:
@@ -256,7 +268,7 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
                           f"in models: (known: {', '.join(models)})")
     if spec.mergekit_version is not None and spec.mergekit_version not in VERSIONS:
         raise ConfigError(f"config error: {where}.mergekit_version: {spec.mergekit_version!r} "
-                          f"(allowed: {', '.join(VERSIONS)})")
+                          f"(allowed: {', '.join(VERSIONS)}, or null)")
     for point in spec.points:
         try:
             recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version)

@@ -74,6 +74,21 @@ def local_folder(wildcards):
     return wf.model_reference(wildcards.model, entry)
 
 
+def local_folder_files(wildcards):
+    """A `path:` model's files, as its manifest lists them (hidden ones left out), so that
+    changing one in place re-records the manifest: a folder's own mtime changes only when
+    entries are added or removed. (Demo folders are build_demo_models outputs.)"""
+    entry = MODELS[wildcards.model]
+    if wf.model_kind(entry) != "path":
+        return []
+    folder = entry["path"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
 # --- merges ---------------------------------------------------------------------------------
 
 

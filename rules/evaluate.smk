@@ -15,7 +15,7 @@ rule evaluate_model:
         "benchmarks/{merge}/{point}/evaluate_model.tsv"
     conda:
         "../envs/remerge.yaml"
-    threads: min(2, workflow.cores)
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=eval_runtime,
@@ -45,7 +45,7 @@ rule evaluate_reference:
         "benchmarks/references/{model}/evaluate_reference.tsv"
     conda:
         "../envs/remerge.yaml"
-    threads: min(2, workflow.cores)
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=eval_runtime,

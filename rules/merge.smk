@@ -35,7 +35,7 @@ rule merge_shard:
         "benchmarks/{merge}/{point}/merge_shard/{shard}.tsv"
     conda:
         "../envs/remerge.yaml"
-    threads: min(4, workflow.cores)
+    threads: 4
     resources:
         mem_mb=lambda wc, input, attempt: merge_mem_mb(input.plan, wc.shard, attempt),
         runtime=60,

@@ -25,7 +25,8 @@ rule build_demo_models:
 
 rule record_model:
     input:
-        local_folder,
+        folder=local_folder,
+        files=local_folder_files,
     output:
         manifest="results/models/{model}/manifest.json",
     log:

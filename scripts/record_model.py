@@ -5,4 +5,4 @@ to_file(snakemake.log[0])
 
 from remerge.manifest import local_manifest, write_manifest
 
-write_manifest(local_manifest(snakemake.input[0]), snakemake.output.manifest)
+write_manifest(local_manifest(snakemake.input.folder), snakemake.output.manifest)

@@ -42,7 +42,7 @@ CASES = {
     "missing_model": (lambda c: c["merges"]["sweep"]["recipe"].update(base_model="basse"),
                       "merges.sweep.recipe names model `basse`, which is not in models: (known: base, instruct)"),
     "missing_folder": (lambda c: c["models"].update(base={"path": "/no/such/model"}),
-                       "models.base.path: folder /no/such/model does not exist"),
+                       "models.base.path: /no/such/model does not exist; give the folder that holds the model's"),
     "path_like_name": (lambda c: c["merges"].update({"../x": c["merges"].pop("sweep")}),
                        "merges: '../x' is not allowed: letters, digits, _ . - (no slashes, no leading dot)"),
     "bad_source": (lambda c: c["models"].update(base={"demo": "large"}),
