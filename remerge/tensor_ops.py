@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from remerge import native
 from remerge.methods import LEGACY, MethodSpec
 
 
@@ -42,36 +43,54 @@ def rank_positions(delta: torch.Tensor, descending: bool) -> torch.Tensor:
     return order
 
 
-def magnitude_dropped(delta: torch.Tensor, density: float, version: str) -> torch.Tensor:
-    """Positions outside the k largest |delta|, k = int(density * numel) (at least 1 in 0.1.5)."""
-    k = int(density * delta.numel())
+def magnitude_band(numel: int, density: float, version: str) -> tuple[bool, int, int]:
+    """TIES keeps positions [0, k) of the descending ranking, k = int(density * numel)
+    (at least 1 in 0.1.5). Returns (descending, lo, hi)."""
+    k = int(density * numel)
     if version != LEGACY:
         k = max(1, k)
     if k == 0:  # mergekit 0.0.5.1 stops here with an assertion
-        raise ValueError(f"density {density} keeps no element of a tensor of {delta.numel()}")
-    return rank_positions(delta, descending=True)[k:]
+        raise ValueError(f"density {density} keeps no element of a tensor of {numel}")
+    return True, 0, k
 
 
-def outlier_dropped(delta: torch.Tensor, density: float, gamma: float, version: str) -> torch.Tensor:
-    """Breadcrumbs: positions outside the kept band of ascending |delta|.
-
-    The band drops the `gamma` share of largest entries and the smallest ones, keeping
-    `density`: [n_bot, n_bot + target) in 0.1.5; [n_bot, numel - n_top) in 0.0.5.1, whose
-    slice `[n_bot:-n_top]` keeps nothing when n_top ends up 0.
-    """
-    numel = delta.numel()
+def outlier_band(numel: int, density: float, gamma: float, version: str) -> tuple[bool, int, int]:
+    """Breadcrumbs keeps a band of the ascending ranking: the `gamma` share of largest entries
+    and the smallest ones go, `density` stays: [n_bot, n_bot + target) in 0.1.5;
+    [n_bot, numel - n_top) in 0.0.5.1, whose slice `[n_bot:-n_top]` keeps nothing when n_top
+    ends up 0. Returns (descending, lo, hi)."""
     target = int(density * numel)
     n_top = int(gamma * numel)
-    order = rank_positions(delta, descending=False)
     if version == LEGACY:
         n_bot = numel - target - n_top
         if n_bot < 0:
             n_top, n_bot = n_top + n_bot, 0
-        if n_top == 0:
-            return order
-        return torch.cat([order[:n_bot], order[numel - n_top :]])
+        return False, n_bot, (numel - n_top if n_top else n_bot)
     n_bot = max(0, numel - target - n_top)
-    return torch.cat([order[:n_bot], order[n_bot + target :]])
+    return False, n_bot, n_bot + target
+
+
+def band_of(method: MethodSpec, numel: int, params: dict[str, Any], version: str) -> tuple[bool, int, int]:
+    if method.sparsification == "magnitude":
+        return magnitude_band(numel, params["density"], version)
+    return outlier_band(numel, params["density"], params["gamma"], version)
+
+
+def dropped_positions(delta: torch.Tensor, band: tuple[bool, int, int]) -> torch.Tensor:
+    """Flat positions outside the band of mergekit's ranking of |delta| (torch's sort)."""
+    descending, lo, hi = band
+    order = rank_positions(delta, descending)
+    return torch.cat([order[:lo], order[hi:]])
+
+
+def magnitude_dropped(delta: torch.Tensor, density: float, version: str) -> torch.Tensor:
+    """Positions outside the k largest |delta|."""
+    return dropped_positions(delta, magnitude_band(delta.numel(), density, version))
+
+
+def outlier_dropped(delta: torch.Tensor, density: float, gamma: float, version: str) -> torch.Tensor:
+    """Breadcrumbs: positions outside the kept band of ascending |delta|."""
+    return dropped_positions(delta, outlier_band(delta.numel(), density, gamma, version))
 
 
 def keep_mask(delta: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -254,13 +273,10 @@ def sparsify_(
     if method.sparsification == "random":
         delta.copy_(sparsify(method, delta, params, rescale, version, seed))
         return
-    if method.sparsification == "magnitude":
-        dropped = magnitude_dropped(delta, density, version)
-    else:
-        dropped = outlier_dropped(delta, density, params["gamma"], version)
+    band = band_of(method, delta.numel(), params, version)
     before = delta.abs().sum() if rescale else None
-    delta.view(-1)[dropped] = 0
-    del dropped
+    if not native.zero_outside(delta, *band):  # the same entries, ranked by torch's sort
+        delta.view(-1)[dropped_positions(delta, band)] = 0
     if rescale:
         after = delta.abs().sum()
         if version == LEGACY:
@@ -270,7 +286,7 @@ def sparsify_(
             delta.mul_(before / after)
 
 
-SORT_BYTES_PER_ELEMENT = 20  # keys, int64 order and the sort's own int64 buffer
+SORT_BYTES_PER_ELEMENT = 20  # torch's sort: keys, int64 order and its own buffer (the kernel: 6-8)
 PARALLEL_SORT_BYTES = 256 * 1024**2
 
 

@@ -180,3 +180,36 @@ def test_plain_difference_falls_back_on_nan():
     ref = task_arithmetic(TIES, base, [x], params, shared, "0.1.5", [0])
     fast = task_arithmetic_streamed(TIES, lambda: base, [lambda: x], params, shared, "0.1.5", [0])
     assert torch.equal(ref.view(torch.int16), fast.view(torch.int16))  # NaN dropped by sign election
+
+
+def test_native_kernel_is_built_here():
+    from remerge import native
+
+    assert native.library() is not None, "no C compiler? the suite should exercise the kernel"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_kernel_keeps_exactly_what_torchs_sort_keeps(dtype):
+    from remerge import native
+    from remerge.tensor_ops import dropped_positions
+
+    g = torch.Generator().manual_seed(7)
+    for n in [1, 2, 16, 17, 33, 100, 1000, 4099, 70_001, 1_000_003]:
+        for kind in range(4):
+            x = torch.randn(n, generator=g) * 0.01
+            if kind == 1:
+                x = torch.randint(-3, 4, (n,), generator=g).float()  # few distinct magnitudes
+            if kind == 2:
+                x[torch.rand(n, generator=g) < 0.4] = 0
+            if kind == 3 and n > 10:
+                x[:3] = float("nan")
+                x[3] = float("inf")
+            d = x.to(dtype)
+            for band in [(True, 0, max(1, n // 3)), (True, 0, n), (False, n // 5, n // 5 + n // 2),
+                         (False, n // 2, n // 2), (False, 0, n - n // 7)]:
+                expected = d.clone()
+                expected.view(-1)[dropped_positions(d, band)] = 0
+                ours = d.clone()
+                assert native.zero_outside(ours, *band)
+                assert torch.equal(ours.view(-1).view(torch.uint8 if dtype == torch.float32 else torch.uint8),
+                                   expected.view(-1).view(torch.uint8)), (n, kind, band)
