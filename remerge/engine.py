@@ -17,14 +17,17 @@ import logging
 import os
 import shutil
 import re
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Sequence
+from queue import Queue
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from remerge import native
 from remerge.errors import ModelError, RecipeError
 from remerge.methods import LEGACY
 from remerge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LM_HEAD = "lm_head.weight"
 LARGE_TENSOR_BYTES = 32 * 1024**2
+PREFETCH_BYTES = 64 * 1024**2  # inputs of one tensor read ahead at most
 EMBED = "model.embed_tokens.weight"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -183,14 +187,20 @@ def plan_merge(
 
 def merge_tensor(
     recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder], seed: int = 0,
-    pool: Executor | None = None,
+    pool: Executor | None = None, prefetched: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Compute one output tensor; inputs are read when needed and dropped after use."""
+    """Compute one output tensor; inputs are read when needed (or taken from `prefetched`,
+    once each) and dropped after use."""
     compute = TORCH_NAMES[tensor.compute_dtype]
     present = [ref for ref, src in tensor.sources.items() if src]
     mergers = [ref for ref in recipe.mergers if ref in present]
     shared, per_model = tensor_parameters(recipe, tensor.name, tensor.t, mergers)
-    load = lambda ref: models[ref].load(tensor.sources[ref]).to(compute)  # noqa: E731
+    ready = dict(prefetched or {})
+
+    def load(ref: str) -> torch.Tensor:
+        raw = ready.pop(ref, None)
+        return (raw if raw is not None else models[ref].load(tensor.sources[ref])).to(compute)
+
     method = recipe.method
     if method.linear:
         weights = [per_model[ref]["weight"] for ref in mergers]
@@ -204,6 +214,29 @@ def merge_tensor(
     return result.to(DTYPES[tensor.dtype])
 
 
+def prefetch(plan: Plan, names: list[str], models: Mapping[str, ModelFolder],
+             limit: int = PREFETCH_BYTES) -> Iterator[dict[str, torch.Tensor] | None]:
+    """The inputs of each tensor in turn, read one tensor ahead on a background thread, so
+    reading overlaps computing. Tensors whose inputs exceed `limit` bytes are not read ahead
+    (None: the caller reads them), which bounds the extra memory."""
+    queue: Queue = Queue(maxsize=1)
+
+    def read_ahead() -> None:
+        try:
+            for name in names:
+                t = plan.tensors[name]
+                refs = [ref for ref, src in t.sources.items() if src]
+                size = sum(models[ref].info(t.sources[ref]).nbytes for ref in refs)
+                queue.put({ref: models[ref].load(t.sources[ref]) for ref in refs} if size <= limit else None)
+        except BaseException as err:  # the caller reads for itself and meets the error there
+            queue.put(err)
+
+    threading.Thread(target=read_ahead, name="prefetch", daemon=True).start()
+    for _ in names:
+        item = queue.get()
+        yield None if isinstance(item, BaseException) else item
+
+
 def merge_shard(
     plan: Plan, recipe: Recipe, index: int, out_path: str | Path, threads: int | None = None,
     seed: int = 0, digests: bool = False,
@@ -212,6 +245,7 @@ def merge_shard(
 
     Returns the sha256 of every tensor's bytes when `digests` is set."""
     plan.check_recipe(recipe)
+    native.tame_malloc()
     if not 0 <= index < len(plan.shards):
         raise RecipeError(f"shard {index + 1} does not exist: the plan has {len(plan.shards)}")
     if threads:
@@ -225,10 +259,10 @@ def merge_shard(
     workers = threads or torch.get_num_threads()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
-        for i, name in enumerate(names, 1):
+        for i, (name, ready) in enumerate(zip(names, prefetch(plan, names, models)), 1):
             if plan.tensors[name].nbytes >= LARGE_TENSOR_BYTES:
                 writer.wait()  # a large working set: do not hold the previous result too
-            writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed, pool))
+            writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed, pool, ready))
             log.debug("shard %d: %d/%d %s", index + 1, i, len(names), name)
     log.info("wrote %s (%d tensors, %.1f MB) in %.1fs", out_path, len(names),
              plan.shard_bytes(index) / 1e6, time.monotonic() - started)

@@ -89,3 +89,21 @@ def zero_outside(delta: torch.Tensor, descending: bool, lo: int, hi: int) -> boo
     rc = getattr(lib, name)(delta.data_ptr(), n, int(descending), lo, hi, keys.data_ptr(),
                             order.data_ptr(), inf, nan_key)
     return rc == 0
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@lru_cache(maxsize=1)
+def tame_malloc(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold at 1 MB for this process.
+
+    glibc raises the threshold after each large free (up to 32 MB); buffers below it then come
+    from the heap and, freed, stay there, so a merge's resident memory grows by fragmentation
+    (measured: 1.06 GB instead of 0.87 GB on a 117M-parameter 3-model TIES). With a fixed
+    threshold every large tensor buffer goes back to the system when freed. A no-op elsewhere.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False

@@ -307,11 +307,13 @@ def task_arithmetic_streamed(
     base = load_base()
     if not loaders:
         return base
-    first = loaders[0]()
+    first = loaders[0]()  # a fresh buffer: ours to overwrite
     if is_plain_difference(method, base, params, shared):
-        delta = torch.sub(first, base)
-        if bool(torch.isfinite(delta).all()):  # NaN and inf take the step-by-step path
-            return torch.add(base, delta, out=delta)
+        delta = first.sub_(base)
+        # A finite sum means no NaN or inf anywhere; those take the step-by-step path.
+        if bool(torch.isfinite(delta.sum(dtype=torch.float32))):
+            return delta.add_(base)  # base + (x - base): addition commutes bit for bit
+        first = loaders[0]()
     deltas = base.new_empty((len(loaders), *base.shape))  # (n, *shape)
     torch.sub(first, base, out=deltas[0])
     del first
