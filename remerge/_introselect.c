@@ -151,3 +151,35 @@ int NAME(WIDTH_T *delta, int64_t n, int desc, int64_t lo, int64_t hi, KEY_T *key
 
 DEFINE_SELECT(remerge_select16, uint16_t, uint16_t)
 DEFINE_SELECT(remerge_select32, uint32_t, uint32_t)
+
+/* ---------------------------------------------------------------------------------------
+ * base + (x - base) in bfloat16, as torch computes it: each op in float32, rounded once to
+ * bfloat16 (round to nearest even). One pass instead of torch's subtract, check and add.
+ * Returns 1 (and leaves `out` unspecified) if a difference is not finite: the caller then
+ * takes the step-by-step path. native.py checks this against torch before first use.
+ */
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + (((u >> 16) & 1) + 0x7FFF)) >> 16);
+}
+
+int remerge_plain_difference_bf16(const uint16_t *x, const uint16_t *base, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        float b = bf16_to_f32(base[i]);
+        uint16_t d = f32_to_bf16(bf16_to_f32(x[i]) - b);
+        if ((d & 0x7F80) == 0x7F80) return 1; /* inf or NaN */
+        out[i] = f32_to_bf16(b + bf16_to_f32(d));
+    }
+    return 0;
+}

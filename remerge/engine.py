@@ -17,33 +17,29 @@ import logging
 import os
 import shutil
 import re
-import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from queue import Queue
-from typing import Iterator, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from remerge import native
 from remerge.errors import ModelError, RecipeError
-from remerge.methods import LEGACY
-from remerge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
-from remerge.recipe import Recipe, tensor_parameters
-from remerge.layout import INDEX_NAME
-from remerge.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, cut_shards, write_index
-from remerge.safetensors_io import (
-    DTYPES, ST_NAMES, TORCH_NAMES, ModelFolder, ShardWriter,
-)
 from remerge.files import write_bytes_atomic
+from remerge.layout import INDEX_NAME
+from remerge.methods import LEGACY
+from remerge.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, cut_shards, write_index
+from remerge.recipe import Recipe, tensor_parameters
+from remerge.safetensors_io import DTYPE_NAMES, ST_NAMES, ModelFolder, ShardWriter, torch_dtype
+
+if TYPE_CHECKING:  # torch is imported where tensors are computed: the plain path needs none
+    import numpy
+    import torch
 
 log = logging.getLogger(__name__)
 
 LM_HEAD = "lm_head.weight"
 LARGE_TENSOR_BYTES = 32 * 1024**2
-PREFETCH_BYTES = 64 * 1024**2  # inputs of one tensor read ahead at most
 EMBED = "model.embed_tokens.weight"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -107,20 +103,28 @@ def _where(folder: ModelFolder) -> str:
     return str(index if index.is_file() else folder.path)
 
 
+# float promotion as torch.promote_types does it for the dtypes models are stored in
+_RANK = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
+def _promote(a: str, b: str) -> str:
+    if a == b:
+        return a
+    if {a, b} == {"float16", "bfloat16"}:
+        return "float32"
+    return max(a, b, key=lambda d: _RANK.get(d, 0))
+
+
 def _compute_dtype(recipe: Recipe, infos: Sequence[tuple[str, str]], base_dtype: str | None) -> str:
     """Recipe dtype, else the base's (0.0.5.1 casts inputs to it), else the promoted type."""
     if recipe.dtype:
         return recipe.dtype
     if recipe.version == LEGACY and base_dtype is not None:
-        return _torch_name(DTYPES[base_dtype])
-    dtype = DTYPES[infos[0][1]]
+        return DTYPE_NAMES[base_dtype]
+    dtype = DTYPE_NAMES[infos[0][1]]
     for _, st in infos[1:]:
-        dtype = torch.promote_types(dtype, DTYPES[st])
-    return _torch_name(dtype)
-
-
-def _torch_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+        dtype = _promote(dtype, DTYPE_NAMES[st])
+    return dtype
 
 
 def _check_shapes(
@@ -168,7 +172,7 @@ def plan_merge(
         base_dtype = (models[recipe.base_model].info(sources[recipe.base_model]).dtype
                       if recipe.base_model and sources.get(recipe.base_model) else None)
         compute = _compute_dtype(recipe, infos, base_dtype)
-        out = ST_NAMES[TORCH_NAMES[recipe.out_dtype or compute]]
+        out = ST_NAMES[recipe.out_dtype or compute]
         t = gradient_t(name, num_layers, recipe.version)
         tensors[name] = TensorPlan(name, shape, compute, out, t, sources)
     plan = Plan(
@@ -187,19 +191,19 @@ def plan_merge(
 
 def merge_tensor(
     recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder], seed: int = 0,
-    pool: Executor | None = None, prefetched: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Compute one output tensor; inputs are read when needed (or taken from `prefetched`,
-    once each) and dropped after use."""
-    compute = TORCH_NAMES[tensor.compute_dtype]
+    pool: Executor | None = None,
+) -> "torch.Tensor":
+    """Compute one output tensor; inputs are read when needed (mapped, not copied) and
+    dropped after use."""
+    from remerge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
+
+    compute = torch_dtype(tensor.compute_dtype)
     present = [ref for ref, src in tensor.sources.items() if src]
     mergers = [ref for ref in recipe.mergers if ref in present]
     shared, per_model = tensor_parameters(recipe, tensor.name, tensor.t, mergers)
-    ready = dict(prefetched or {})
 
-    def load(ref: str) -> torch.Tensor:
-        raw = ready.pop(ref, None)
-        return (raw if raw is not None else models[ref].load(tensor.sources[ref])).to(compute)
+    def load(ref: str) -> "torch.Tensor":
+        return models[ref].view(tensor.sources[ref]).to(compute)
 
     method = recipe.method
     if method.linear:
@@ -211,30 +215,39 @@ def merge_tensor(
             method, partial(load, recipe.base_model), [partial(load, ref) for ref in mergers],
             [per_model[ref] for ref in mergers], shared, recipe.version, seeds, pool,
         )
-    return result.to(DTYPES[tensor.dtype])
+    return result.to(torch_dtype(tensor.dtype))
 
 
-def prefetch(plan: Plan, names: list[str], models: Mapping[str, ModelFolder],
-             limit: int = PREFETCH_BYTES) -> Iterator[dict[str, torch.Tensor] | None]:
-    """The inputs of each tensor in turn, read one tensor ahead on a background thread, so
-    reading overlaps computing. Tensors whose inputs exceed `limit` bytes are not read ahead
-    (None: the caller reads them), which bounds the extra memory."""
-    queue: Queue = Queue(maxsize=1)
+def plain_inputs(recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder]) -> list[str] | None:
+    """The merged models of a tensor when its whole computation is `base + (x - base)` in
+    bf16 (at most one merged model, weight exactly 1, nothing sparsified, no lambda, bf16 in
+    and out, as the seed's recipe): the torch-free fused path. None otherwise."""
+    if recipe.method.linear or tensor.compute_dtype != "bfloat16" or tensor.dtype != "BF16":
+        return None
+    present = [ref for ref, src in tensor.sources.items() if src]
+    if any(models[ref].info(tensor.sources[ref]).dtype != "BF16" for ref in present):
+        return None
+    mergers = [ref for ref in recipe.mergers if ref in present]
+    if len(mergers) > 1:
+        return None
+    shared, per_model = tensor_parameters(recipe, tensor.name, tensor.t, mergers)
+    if shared.get("lambda", 1.0) != 1:
+        return None
+    for p in per_model.values():
+        if p["weight"] != 1.0 or (recipe.method.sparsification is not None and p.get("density", 1.0) < 1):
+            return None
+    return mergers
 
-    def read_ahead() -> None:
-        try:
-            for name in names:
-                t = plan.tensors[name]
-                refs = [ref for ref, src in t.sources.items() if src]
-                size = sum(models[ref].info(t.sources[ref]).nbytes for ref in refs)
-                queue.put({ref: models[ref].load(t.sources[ref]) for ref in refs} if size <= limit else None)
-        except BaseException as err:  # the caller reads for itself and meets the error there
-            queue.put(err)
 
-    threading.Thread(target=read_ahead, name="prefetch", daemon=True).start()
-    for _ in names:
-        item = queue.get()
-        yield None if isinstance(item, BaseException) else item
+def merge_plain(recipe: Recipe, tensor: TensorPlan, models: Mapping[str, ModelFolder],
+                mergers: list[str], pool: Executor | None) -> "numpy.ndarray | None":
+    """A plain tensor's bytes from the fused kernel (no torch); None if a difference is not
+    finite (then the step-by-step path decides, as mergekit's arithmetic would)."""
+    base = models[recipe.base_model].raw(tensor.sources[recipe.base_model])
+    if not mergers:
+        return base  # no merged model has this tensor: mergekit returns the base's
+    x = models[mergers[0]].raw(tensor.sources[mergers[0]])
+    return native.plain_difference_raw(x, base, pool)
 
 
 def merge_shard(
@@ -248,25 +261,38 @@ def merge_shard(
     native.tame_malloc()
     if not 0 <= index < len(plan.shards):
         raise RecipeError(f"shard {index + 1} does not exist: the plan has {len(plan.shards)}")
-    if threads:
-        torch.set_num_threads(threads)
     models = {ref: ModelFolder(path, label=ref) for ref, path in plan.models.items()}
     names = plan.shards[index]
     layout = [(n, plan.tensors[n].dtype, plan.tensors[n].shape) for n in names]
     started = time.monotonic()
-    # Sparsification sorts run on this pool (one per merged model); the writer runs on its own
-    # thread, so computing tensor i+1 overlaps writing tensor i.
-    workers = threads or torch.get_num_threads()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+    # The pool runs sparsification sorts (one per merged model) and the fused kernel's halves;
+    # the writer has its own thread, so computing tensor i+1 overlaps writing tensor i.
+    workers = max(1, threads or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
             ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
-        for i, (name, ready) in enumerate(zip(names, prefetch(plan, names, models)), 1):
-            if plan.tensors[name].nbytes >= LARGE_TENSOR_BYTES:
+        for i, name in enumerate(names, 1):
+            tensor = plan.tensors[name]
+            if tensor.nbytes >= LARGE_TENSOR_BYTES:
                 writer.wait()  # a large working set: do not hold the previous result too
-            writer.write(name, merge_tensor(recipe, plan.tensors[name], models, seed, pool, ready))
+            mergers = plain_inputs(recipe, tensor, models)
+            data = merge_plain(recipe, tensor, models, mergers, pool) if mergers is not None else None
+            if data is not None:
+                writer.write_raw(name, data)
+            else:
+                _set_torch_threads(threads)
+                writer.write(name, merge_tensor(recipe, tensor, models, seed, pool))
             log.debug("shard %d: %d/%d %s", index + 1, i, len(names), name)
     log.info("wrote %s (%d tensors, %.1f MB) in %.1fs", out_path, len(names),
              plan.shard_bytes(index) / 1e6, time.monotonic() - started)
     return writer.digests
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def merge_model(

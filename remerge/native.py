@@ -16,19 +16,23 @@ import os
 import shutil
 import subprocess
 import tempfile
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import numpy
+    import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_introselect.c")
 # dtype -> (kernel, key dtype, +inf bits, key for every NaN)
 KERNELS = {
-    torch.bfloat16: ("remerge_select16", torch.int16, 0x7F80, 0x7FFF),
-    torch.float16: ("remerge_select16", torch.int16, 0x7C00, 0x7FFF),
-    torch.float32: ("remerge_select32", torch.int32, 0x7F800000, 0x7FFFFFFF),
+    "bfloat16": ("remerge_select16", "int16", 0x7F80, 0x7FFF),
+    "float16": ("remerge_select16", "int16", 0x7C00, 0x7FFF),
+    "float32": ("remerge_select32", "int32", 0x7F800000, 0x7FFFFFFF),
 }
 
 
@@ -74,17 +78,19 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def zero_outside(delta: torch.Tensor, descending: bool, lo: int, hi: int) -> bool:
+def zero_outside(delta: "torch.Tensor", descending: bool, lo: int, hi: int) -> bool:
     """Set to +0 every entry of `delta` (contiguous, in place) whose position in mergekit's
     ranking of |delta| is outside [lo, hi). False when the kernel cannot do it (then nothing
     was changed and the caller ranks with torch)."""
+    import torch
+
     lib = library()
-    spec = KERNELS.get(delta.dtype)
+    spec = KERNELS.get(str(delta.dtype).removeprefix("torch."))
     n = delta.numel()
     if lib is None or spec is None or not delta.is_contiguous() or not 0 < n < 2**31:
         return False
     name, key_dtype, inf, nan_key = spec
-    keys = torch.empty(n, dtype=key_dtype)
+    keys = torch.empty(n, dtype=getattr(torch, key_dtype))
     order = torch.empty(n, dtype=torch.int32)
     rc = getattr(lib, name)(delta.data_ptr(), n, int(descending), lo, hi, keys.data_ptr(),
                             order.data_ptr(), inf, nan_key)
@@ -107,3 +113,97 @@ def tame_malloc(threshold: int = 1 << 20) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def _machine() -> dict[str, str]:
+    """What the kernel's agreement with torch depends on: torch's build and the CPU."""
+    import importlib.metadata
+
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return {"torch": importlib.metadata.version("torch"),
+            "cpu": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def _agrees_with_torch(fn: Any) -> bool:
+    """Run the fused kernel and torch's own bf16 ops on subnormal, ordinary and huge values."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1e-39, 1e-38, 1e-3, 1.0, 3e38]).repeat_interleave(20_000)
+    x = (torch.randn(scale.numel(), generator=g) * scale).bfloat16()
+    base = (torch.randn(scale.numel(), generator=g) * scale).bfloat16()
+    finite = torch.isfinite(x - base)
+    x, base = x[finite].contiguous(), base[finite].contiguous()
+    expected = base + (x - base)
+    out = torch.empty_like(x)
+    if fn(x.data_ptr(), base.data_ptr(), out.data_ptr(), x.numel()) != 0:
+        return False
+    return torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@lru_cache(maxsize=1)
+def plain_difference_kernel() -> Any:
+    """The fused bf16 `base + (x - base)`, once checked against torch's own arithmetic on this
+    machine (the verdict is cached per torch version and CPU, so later runs need no torch);
+    None where it disagrees or cannot be built."""
+    lib = library()
+    if lib is None:
+        return None
+    fn = lib.remerge_plain_difference_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    verdict = cache_dir() / f"introselect-{digest}.verified.json"
+    machine = _machine()
+    try:
+        if json.loads(verdict.read_text()) == machine:
+            return fn
+    except (OSError, ValueError):
+        pass
+    if not _agrees_with_torch(fn):
+        log.warning("the fused bf16 kernel differs from torch on this machine; not used")
+        return None
+    verdict.write_text(json.dumps(machine))
+    return fn
+
+
+def _run_plain(fn: Any, x: int, base: int, out: int, n: int, pool: Any, chunks: int) -> bool:
+    """The kernel over [0, n) in up to `chunks` parts (2-byte elements); False if any part
+    met a non-finite difference."""
+    step = max(1 << 16, -(-n // max(1, chunks)))
+    parts = [(start, min(n, start + step)) for start in range(0, n, step)]
+    run = lambda p: fn(x + 2 * p[0], base + 2 * p[0], out + 2 * p[0], p[1] - p[0])  # noqa: E731
+    codes = list(pool.map(run, parts)) if pool is not None and len(parts) > 1 else [run(p) for p in parts]
+    return not any(codes)
+
+
+def plain_difference(x: "torch.Tensor", base: "torch.Tensor", pool: Any = None,
+                     chunks: int = 2) -> "torch.Tensor | None":
+    """`base + (x - base)` for contiguous bf16 tensors in one pass; None when the kernel is
+    unavailable or a difference is not finite (the caller computes step by step)."""
+    import torch
+
+    if x.dtype != torch.bfloat16 or base.dtype != torch.bfloat16 or not (x.is_contiguous() and base.is_contiguous()):
+        return None
+    fn = plain_difference_kernel()
+    if fn is None:
+        return None
+    out = torch.empty_like(base)
+    ok = _run_plain(fn, x.data_ptr(), base.data_ptr(), out.data_ptr(), base.numel(), pool, chunks)
+    return out if ok else None
+
+
+def plain_difference_raw(x: "numpy.ndarray", base: "numpy.ndarray", pool: Any = None,
+                         chunks: int = 2) -> "numpy.ndarray | None":
+    """The same on the raw bf16 bits (uint16 arrays), without torch."""
+    import numpy as np
+
+    fn = plain_difference_kernel()
+    if fn is None:
+        return None
+    out = np.empty_like(base)
+    ok = _run_plain(fn, x.ctypes.data, base.ctypes.data, out.ctypes.data, base.size, pool, chunks)
+    return out if ok else None

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
-from typing import Iterator, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from remerge.errors import ModelError
 from remerge.files import write_bytes_atomic  # noqa: F401  (re-exported)
@@ -33,16 +33,27 @@ from remerge.layout import ELEMENT_SIZES, INDEX_NAME
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
-# safetensors dtype names <-> torch dtypes, with element sizes
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import numpy
+    import torch
+
+# safetensors dtype names <-> torch dtype names (torch is imported only where tensors are made)
+DTYPE_NAMES: dict[str, str] = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
+    "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
 }
-ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-TORCH_NAMES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-}
+ST_NAMES: dict[str, str] = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors ("BF16") or torch ("bfloat16") dtype name."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES.get(name, name))
+
+
+def st_name(dtype: "torch.dtype") -> str:
+    return ST_NAMES[str(dtype).removeprefix("torch.")]
 
 
 def element_size(dtype: str) -> int:
@@ -105,7 +116,7 @@ def _check_entry(path: Path, name: str, entry: dict, data_size: int) -> None:
         dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise ModelError(f"{path}: malformed header entry for tensor {name}") from None
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_NAMES:
         raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
     numel = 1
     for d in shape:
@@ -202,16 +213,52 @@ class ModelFolder:
                 f"tensor {name} is missing from model {self.label} ({self.path})"
             ) from None
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str) -> "torch.Tensor":
         """Read one tensor with a positioned read into a fresh buffer (no mmap: the file's
         pages never count as this process's memory). Safe to call from several threads."""
+        import torch
+
         info = self.info(name)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         got = os.preadv(self._fd(info.file), [buffer.numpy()], info.offset) if info.nbytes else 0
         if got != info.nbytes:
             raise ModelError(f"model {self.label}: {info.file} ended while reading tensor {name} "
                              f"({got} of {info.nbytes} bytes): the file is truncated; copy it again")
-        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+        return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def _map(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
+        """A read-only mapping of just this tensor's pages, and where its bytes start in it."""
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self._fd(info.file), info.offset + info.nbytes - start,
+                           offset=start, access=mmap.ACCESS_READ)
+        return mapped, info.offset - start
+
+    def view(self, name: str) -> "torch.Tensor":
+        """One tensor as a read-only view of the file's pages (mmap of just its bytes): no
+        copy, and the pages are unmapped as soon as the tensor is dropped, so only tensors in
+        use count as this process's memory. Never write to the result."""
+        import torch
+
+        info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        mapped, offset = self._map(info)
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only: we know
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=offset)
+        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def raw(self, name: str) -> "numpy.ndarray":
+        """One tensor's bytes as a read-only flat numpy array of its element width (uint16 for
+        bf16), mapped like `view`: for kernels that need no torch."""
+        import numpy as np
+
+        info = self.info(name)
+        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[element_size(info.dtype)]
+        if info.nbytes == 0:
+            return np.empty(0, dtype=width)
+        mapped, offset = self._map(info)
+        return np.frombuffer(mapped, dtype=width, count=info.numel, offset=offset)
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -299,16 +346,31 @@ class ShardWriter:
         self._thread.start()
         return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
         dtype, shape = self.expected[name]
-        if ST_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+        if st_name(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
             raise ValueError(
                 f"tensor {name}: computed {tensor.dtype} {tuple(tensor.shape)}, "
                 f"planned {dtype} {shape}"
             )
+        import torch
+
+        self._put(name, tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write_raw(self, name: str, data: Any) -> None:
+        """Hand over a tensor's bytes (any buffer, e.g. a numpy array) in safetensors order."""
+        dtype, shape = self.expected[name]
+        expected = element_size(dtype)
+        for d in shape:
+            expected *= d
+        if memoryview(data).nbytes != expected:
+            raise ValueError(f"tensor {name}: {memoryview(data).nbytes} bytes, planned {expected}")
+        self._put(name, data)
+
+    def _put(self, name: str, data: Any) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((name, tensor))
+        self._queue.put((name, data))
 
     def wait(self) -> None:
         """Block until every tensor handed over so far is written (frees their memory)."""
@@ -325,13 +387,13 @@ class ShardWriter:
             self._queue.task_done()
         self._queue.task_done()
 
-    def _write_now(self, name: str, tensor: torch.Tensor) -> None:
+    def _write_now(self, name: str, data: Any) -> None:
         start, _ = self.offsets[name]
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data).cast("B")
         self._file.seek(len(self.header) + start)
-        self._file.write(memoryview(data))
+        self._file.write(view)
         if self.digests is not None:
-            self.digests[name] = hashlib.sha256(memoryview(data)).hexdigest()
+            self.digests[name] = hashlib.sha256(view).hexdigest()
         self.written.add(name)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -355,7 +417,7 @@ class ShardWriter:
         return False  # an error inside the block propagates
 
 
-def iter_tensors(folder: ModelFolder) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(folder: ModelFolder) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Every tensor of a folder, in sorted name order, one at a time."""
     for name in sorted(folder.tensors):
         yield name, folder.load(name)

@@ -307,13 +307,15 @@ def task_arithmetic_streamed(
     base = load_base()
     if not loaders:
         return base
-    first = loaders[0]()  # a fresh buffer: ours to overwrite
+    first = loaders[0]()  # inputs may be read-only views of the files: never written to
     if is_plain_difference(method, base, params, shared):
-        delta = first.sub_(base)
+        fused = native.plain_difference(first, base, pool)
+        if fused is not None:
+            return fused
+        delta = torch.sub(first, base)
         # A finite sum means no NaN or inf anywhere; those take the step-by-step path.
-        if bool(torch.isfinite(delta.sum(dtype=torch.float32))):
+        if bool(torch.isfinite(delta.sum())):  # (an overflowing sum only costs the slow path)
             return delta.add_(base)  # base + (x - base): addition commutes bit for bit
-        first = loaders[0]()
     deltas = base.new_empty((len(loaders), *base.shape))  # (n, *shape)
     torch.sub(first, base, out=deltas[0])
     del first
