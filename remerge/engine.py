@@ -12,11 +12,13 @@ or densities, so all points of a grid share one plan.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-import shutil
 import re
+import shutil
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
@@ -310,6 +312,8 @@ def merge_model(
         shutil.rmtree(stale, ignore_errors=True)
     staging = out_dir / f".remerge-partial-{os.getpid()}"
     staging.mkdir()
+    if recipe.version != LEGACY:  # config.json needs transformers (seconds to import): start now
+        threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
     try:
         plan = plan_merge(recipe, folders, out_shard_size)
         for i, name in enumerate(plan.shard_names):
