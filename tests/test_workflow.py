@@ -156,3 +156,21 @@ def test_report_bundles_the_grids(run):
     snakemake(run, "--report", "results/report.html", config=CONFIG, check=True)
     html = (run / "results" / "report.html").read_text(errors="replace")
     assert "grid.png" in html and "grid.tsv" in html
+
+
+def test_a_model_that_does_not_load_fails_only_its_evaluation(run, tmp_path):
+    """One grid point's model is broken after the fact: its evaluation fails with a message
+    naming the folder, the other point's evaluation still completes (--keep-going)."""
+    work = tmp_path / "copy"
+    shutil.copytree(run, work, symlinks=True)
+    broken = work / "results" / "sweep" / POINTS[0] / "model"
+    (broken / "config.json").write_text("{ not json")
+    targets = [f"results/sweep/{p}/scores.json" for p in POINTS]
+    proc = snakemake(work, "--cores", "2", "--keep-going", "--forcerun", "evaluate_model", *targets,
+                     config=CONFIG)
+    assert proc.returncode != 0
+    log = (work / "logs" / "sweep" / POINTS[0] / "evaluate_model.log").read_text()
+    assert str(broken.resolve()) in log or "results/sweep/density~0.5/weight~0.5/model" in log
+    assert not (work / "results" / "sweep" / POINTS[0] / "scores.json").exists()
+    ok = work / "results" / "sweep" / POINTS[1] / "scores.json"
+    assert ok.is_file() and ok.stat().st_mtime > (run / "results" / "sweep" / POINTS[1] / "scores.json").stat().st_mtime
