@@ -12,7 +12,9 @@ from remerge.audit import default_mapping, find_recipe, map_references, recipe_f
 from remerge.cli import main
 from tinymodels import finetune, random_tensors, write_model
 
-SEED_CARD = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-model-card.txt")
+# The seed model card as published (a copy of ../shared/reference/seed-model-card.txt, whose
+# line breaks were lost on the way: recipe recovery must cope with that too).
+SEED_CARD = Path(__file__).resolve().parent / "data" / "seed-model-card.txt"
 
 RECIPE = """models:
   - model: {ft}
