@@ -170,7 +170,9 @@ def test_a_model_that_does_not_load_fails_only_its_evaluation(run, tmp_path):
                      config=CONFIG)
     assert proc.returncode != 0
     log = (work / "logs" / "sweep" / POINTS[0] / "evaluate_model.log").read_text()
-    assert str(broken.resolve()) in log or "results/sweep/density~0.5/weight~0.5/model" in log
+    message = f"model folder {broken.resolve()} does not load"
+    assert message in log.splitlines()[-1] and "Traceback" not in log
+    assert f"remerge: error: {message}" in proc.stdout + proc.stderr  # on the terminal too
     assert not (work / "results" / "sweep" / POINTS[0] / "scores.json").exists()
     ok = work / "results" / "sweep" / POINTS[1] / "scores.json"
     assert ok.is_file() and ok.stat().st_mtime > (run / "results" / "sweep" / POINTS[1] / "scores.json").stat().st_mtime
