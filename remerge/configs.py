@@ -9,10 +9,14 @@ replaced by the instruct model's ("config transplant"), which also brings its
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
+import sys
+import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Mapping
 
 import yaml
@@ -24,6 +28,9 @@ from remerge.layout import INDEX_NAME
 from remerge.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
+
+# The background import of transformers started by start_transformers_import (or None).
+_importing: threading.Thread | None = None
 
 # Copied byte for byte from the donor when it has tokenizer_config.json and tokenizer.json
 # (or tokenizer.model), as mergekit's tokenizer copy does; 0.1.5 copies more files.
@@ -62,8 +69,9 @@ def config_text(recipe: Recipe, folder: Path) -> str:
     dtype = recipe.out_dtype or recipe.dtype
     config = _read_config(recipe, folder)
     if recipe.version != LEGACY:
+        transformers = _transformers()  # outside the try: a broken install is not a bad config
         try:
-            return _transformers_config_text(folder, dtype)
+            return _transformers_config_text(transformers, folder, dtype)
         except Exception as err:  # not a config transformers can load: keep the donor's keys
             log.warning("transformers cannot load %s/config.json (%s); writing its keys with "
                         "`dtype` set instead of transformers' serialization", folder, err)
@@ -75,9 +83,27 @@ def config_text(recipe: Recipe, folder: Path) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def _transformers_config_text(folder: Path, dtype: str | None) -> str:
+def start_transformers_import() -> None:
+    """Import transformers (seconds) in a background thread, so that writing config.json
+    after the merge need not wait for it."""
+    global _importing
+    if _importing is None and "transformers" not in sys.modules:
+        _importing = threading.Thread(target=importlib.import_module, args=("transformers",),
+                                      name="import-transformers", daemon=True)
+        _importing.start()
+
+
+def _transformers() -> ModuleType:
+    """The transformers module, once fully imported: while the background import runs,
+    `sys.modules` already holds a half-initialized module (no `AutoConfig` yet)."""
+    if _importing is not None:
+        _importing.join()
     import transformers
 
+    return transformers
+
+
+def _transformers_config_text(transformers: ModuleType, folder: Path, dtype: str | None) -> str:
     config = transformers.AutoConfig.from_pretrained(folder)
     if dtype:
         config.torch_dtype = dtype

@@ -12,13 +12,11 @@ or densities, so all points of a grid share one plan.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import re
 import shutil
-import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
@@ -304,7 +302,7 @@ def merge_model(
     """The whole model folder, as `mergekit-yaml` writes it, built in a hidden staging folder
     and moved into `out_dir` only when complete (config.json last): a failed or killed run
     leaves no file that looks like a finished model."""
-    from remerge.configs import mergekit_card, write_merge_files
+    from remerge.configs import mergekit_card, start_transformers_import, write_merge_files
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +311,7 @@ def merge_model(
     staging = out_dir / f".remerge-partial-{os.getpid()}"
     staging.mkdir()
     if recipe.version != LEGACY:  # config.json needs transformers (seconds to import): start now
-        threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+        start_transformers_import()
     try:
         plan = plan_merge(recipe, folders, out_shard_size)
         for i, name in enumerate(plan.shard_names):

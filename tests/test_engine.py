@@ -1,6 +1,8 @@
 """The streaming merge engine end to end on tiny models, and its failures."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,23 @@ def test_merge_writes_a_complete_sharded_model(models):
     assert config["dtype"] == "bfloat16"  # mergekit 0.1.5 runs on transformers 5: `dtype`
     assert (out / "README.md").read_text().startswith("---\nbase_model: []\n")
     assert not list(out.glob(".*"))  # no staging or temporary files left
+
+
+def test_config_json_waits_for_transformers_when_the_merge_outruns_its_import(models):
+    """A fresh `remerge merge` process imports transformers in the background while it merges;
+    a tiny merge ends first, and config.json must still be transformers' serialization (a
+    half-imported module once made it fall back to the donor's bare keys)."""
+    from transformers import AutoConfig
+
+    recipe = models / "recipe.yml"
+    recipe.write_text(fill(models))
+    proc = subprocess.run([sys.executable, "-m", "remerge", "merge", str(recipe), str(models / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers cannot load" not in proc.stderr
+    expected = AutoConfig.from_pretrained(models / "base")
+    expected.torch_dtype = "bfloat16"
+    assert (models / "out" / "config.json").read_text() == expected.to_json_string()
 
 
 def test_merge_equals_the_arithmetic_tensor_by_tensor(models):
