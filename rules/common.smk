@@ -6,7 +6,7 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-from remerge import workflow as wf
+from remerge.workflow import config as wf
 
 try:
     wf.check_schema(config, os.path.join(workflow.basedir, "config", "schema.yaml"))

@@ -1,9 +1,9 @@
 """Write a merged model's index, mergekit_config.yml and tensor digests (rule assemble_model)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.jobs import assemble
+from remerge.stages import assemble
 
 assemble(
     plan_path=snakemake.input.plan,

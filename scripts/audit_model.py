@@ -1,9 +1,9 @@
 """Audit a published merge against its recipe (rule audit_model); any verdict is a result."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.jobs import run_audit
+from remerge.stages import run_audit
 
 p = snakemake.params
 run_audit(p.published, p.recipe, p.path_map, p.transplant_from, p.version, p.models_dir,

@@ -1,12 +1,12 @@
 """Collect a merge's grid into grid.tsv and grid.png (rule collect_grid)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
 import json
 from pathlib import Path
 
-from remerge.grid import write_grid
+from remerge.workflow.grid import write_grid
 
 inp, p = snakemake.input, snakemake.params
 load = lambda path: json.loads(Path(path).read_text())

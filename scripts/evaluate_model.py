@@ -1,7 +1,7 @@
 """Evaluate a merged or reference model with lm-eval (rules evaluate_model, evaluate_reference)."""
 import os
 
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 # Read by huggingface_hub / datasets at import: set before anything imports them.
@@ -10,7 +10,7 @@ if snakemake.params.offline:  # local tasks only: never wait on the network
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from remerge.jobs import evaluate_and_score
+from remerge.stages import evaluate_and_score
 
 p = snakemake.params
 evaluate_and_score(

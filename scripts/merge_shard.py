@@ -1,9 +1,9 @@
 """Compute and write one output shard of a merge (rule merge_shard)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.jobs import merge_one_shard
+from remerge.stages import merge_one_shard
 
 merge_one_shard(
     plan_path=snakemake.input.plan,

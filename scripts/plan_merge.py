@@ -1,13 +1,13 @@
 """Plan a merge's output shards from the input headers (checkpoint plan_merge)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.files import write_text_atomic
-from remerge.jobs import model_folders
-from remerge.engine import plan_merge
-from remerge.plan import parse_size
-from remerge.recipe import parse_recipe
+from remerge.io.files import write_text_atomic
+from remerge.stages import model_folders
+from remerge.merge.engine import plan_merge
+from remerge.merge.plan import parse_size
+from remerge.merge.recipe import parse_recipe
 
 p = snakemake.params
 recipe = parse_recipe(p.recipe, version=p.version)

@@ -1,9 +1,9 @@
 """Write the merge's config/tokenizer files, then the optional transplant (rule transplant_configs)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.jobs import write_configs
+from remerge.stages import write_configs
 
 p = snakemake.params
 write_configs(

@@ -1,9 +1,9 @@
 """Write a merged model's card and provenance.json (rule write_model_card)."""
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.jobs import write_card_and_provenance
+from remerge.stages import write_card_and_provenance
 
 inp, p = snakemake.input, snakemake.params
 write_card_and_provenance(

@@ -85,8 +85,7 @@ def install() -> None:
         atexit.register(record)
         return
     if where == "write":
-        from remerge import safetensors_io
-
+        from remerge.io import safetensors as safetensors_io
         original = safetensors_io.ShardWriter.write
 
         def write(self, name, tensor):
@@ -100,8 +99,7 @@ def install() -> None:
         safetensors_io.ShardWriter.write = write
         return
     suffix = {"index": "model.safetensors.index.json", "scores": "scores.json"}[where]
-    from remerge import jobs
-
+    from remerge import stages as jobs
     for fname in ("write_text_atomic", "write_json_atomic"):
         original_fn = getattr(jobs, fname)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from remerge.audit import default_mapping, find_recipe, map_references, recipe_from_card, tensor_difference
+from remerge.provenance.audit import default_mapping, find_recipe, map_references, recipe_from_card, tensor_difference
 from remerge.cli import main
 from tinymodels import finetune, random_tensors, write_model
 

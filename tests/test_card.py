@@ -2,8 +2,8 @@
 
 from huggingface_hub import ModelCard
 
-from remerge.card import card_text, provenance
-from remerge.recipe import parse_recipe
+from remerge.provenance.card import card_text, provenance
+from remerge.merge.recipe import parse_recipe
 
 RECIPE = """models:
   - model: arcee-ai/Llama-3.1-SuperNova-Lite

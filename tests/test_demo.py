@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from remerge import demo
+from remerge.demo import models as demo
 from remerge.cli import main
 
 SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from remerge.cli import main
-from remerge.tensor_ops import task_arithmetic
-from remerge.methods import METHODS
+from remerge.merge.tensor_ops import task_arithmetic
+from remerge.merge.methods import METHODS
 from tinymodels import finetune, random_tensors, write_model
 
 RECIPE = """\

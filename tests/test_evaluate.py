@@ -1,4 +1,4 @@
-"""remerge.evaluate and `remerge evaluate`: a real lm-eval run of a tiny random Llama.
+"""remerge.evaluation.run and `remerge evaluate`: a real lm-eval run of a tiny random Llama.
 
 Runs that load a model go through the command line in a subprocess whose environment turns
 the hub off from the first import (huggingface_hub and datasets read HF_HUB_OFFLINE when they
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from remerge import evaluate, scores
+from remerge.evaluation import run as evaluate, scores
 from remerge.errors import EvaluationError
-from remerge.evaluate import EvalSettings
+from remerge.evaluation.run import EvalSettings
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUESTIONS = 10

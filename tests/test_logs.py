@@ -6,7 +6,7 @@ from pathlib import Path
 
 JOB = """\
 import sys
-from remerge.logs import to_file
+from remerge.workflow.logs import to_file
 from remerge.errors import ModelError
 to_file(sys.argv[1])
 import logging

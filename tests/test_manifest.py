@@ -11,7 +11,7 @@ import pytest
 
 from remerge.cli import main
 from remerge.errors import ModelError
-from remerge.manifest import hash_file, local_manifest, read_manifest, verify_manifest, write_manifest
+from remerge.hub.manifest import hash_file, local_manifest, read_manifest, verify_manifest, write_manifest
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from remerge.errors import RecipeError
-from remerge.recipe import evaluate_setting, parse_recipe, resolve, tensor_parameters
+from remerge.merge.recipe import evaluate_setting, parse_recipe, resolve, tensor_parameters
 
 SEED = """\
 models:

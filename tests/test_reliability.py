@@ -87,7 +87,7 @@ def reference(space) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_inputs(space) -> Path:
-    from remerge.demo import build_demo_models
+    from remerge.demo.models import build_demo_models
 
     build_demo_models(space / "inputs" / "demo", seed=0)
     return space / "inputs" / "demo"
@@ -401,7 +401,7 @@ def declared(out: str, rule: str = "merge_shard") -> dict[str, int]:
 def test_mem_limit_admits_one_shard_job_at_a_time(space, reference, core_runs):
     """--resources mem_mb=N, with N below two merge_shard jobs' mem_mb, runs them one by one
     (--cores 8 alone runs two at once); threads and mem_mb declared are what the jobs used."""
-    from remerge.workflow import shard_mem_mb
+    from remerge.workflow.config import shard_mem_mb
 
     plan = json.loads((reference / "results" / "m" / "plan.json").read_text())
     mems = [shard_mem_mb(plan, f"{s}.safetensors") for s in SHARDS]
@@ -788,7 +788,7 @@ def test_bad_models_repaired_in_place_are_recorded_anew(bad_models):
     cli = subprocess.run([str(Path(SNAKEMAKE).with_name("remerge")), "merge", str(recipe), str(ref)],
                          cwd=work, capture_output=True, text=True, env=offline_env())
     assert cli.returncode == 0, cli.stderr
-    from remerge.manifest import hash_file
+    from remerge.hub.manifest import hash_file
 
     for case in REPAIRED:
         manifest = json.loads((results / "models" / f"bad_{case}" / "manifest.json").read_text())
@@ -855,7 +855,7 @@ def test_slurm_dry_run_keeps_the_profiles_memory(slurm_dry_run):
 def test_slurm_dry_run_shows_shard_memory_from_the_plan(reference):
     """Once a plan exists, the dry run lists merge_shard jobs with mem_mb from the shard's
     tensors (workflow.shard_mem_mb), on the cpu partition."""
-    from remerge.workflow import shard_mem_mb
+    from remerge.workflow.config import shard_mem_mb
 
     proc = snakemake(reference, "--profile", str(ROOT / "profiles" / "slurm"), "-n",
                      "--forcerun", "merge_shard", config=CONFIG, check=True)

@@ -1,4 +1,4 @@
-"""remerge.scores and `remerge scores`: hand-computed values for every benchmark."""
+"""remerge.evaluation.scores and `remerge scores`: hand-computed values for every benchmark."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from remerge import cli, scores
-from remerge.scores import card_markdown, card_table, format_percent, leaderboard_table
+from remerge import cli
+from remerge.evaluation import scores
+from remerge.evaluation.scores import card_markdown, card_table, format_percent, leaderboard_table
 
 BBH = {f"leaderboard_bbh_{name}": k for name, k in scores._BBH_CHOICES.items()}
 MUSR = (

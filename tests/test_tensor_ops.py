@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from remerge.methods import METHODS
-from remerge.tensor_ops import (
+from remerge.merge.methods import METHODS
+from remerge.merge.tensor_ops import (
     consensus_mask, linear, magnitude_mask, outlier_mask, random_mask, rescaled, task_arithmetic,
     tensor_seed, weight_column,
 )
@@ -150,7 +150,7 @@ def tricky(seed: int, n: int, dtype, shape=(40, 30)):
 def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
     from concurrent.futures import ThreadPoolExecutor
 
-    from remerge.tensor_ops import task_arithmetic_streamed
+    from remerge.merge.tensor_ops import task_arithmetic_streamed
 
     method = METHODS[method_name]
     for case, (weights, density, normalize, lam, rescale) in enumerate([
@@ -172,7 +172,7 @@ def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
 
 
 def test_plain_difference_falls_back_on_nan():
-    from remerge.tensor_ops import task_arithmetic_streamed
+    from remerge.merge.tensor_ops import task_arithmetic_streamed
 
     base = torch.zeros(4, dtype=torch.bfloat16)
     x = torch.tensor([1.0, float("nan"), -2.0, 0.0], dtype=torch.bfloat16)
@@ -183,15 +183,14 @@ def test_plain_difference_falls_back_on_nan():
 
 
 def test_native_kernel_is_built_here():
-    from remerge import native
-
+    from remerge.merge.kernels import native
     assert native.library() is not None, "no C compiler? the suite should exercise the kernel"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_native_kernel_keeps_exactly_what_torchs_sort_keeps(dtype):
-    from remerge import native
-    from remerge.tensor_ops import dropped_positions
+    from remerge.merge.kernels import native
+    from remerge.merge.tensor_ops import dropped_positions
 
     g = torch.Generator().manual_seed(7)
     for n in [1, 2, 16, 17, 33, 100, 1000, 4099, 70_001, 1_000_003]:

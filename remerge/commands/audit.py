@@ -9,12 +9,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from remerge.audit import (
+from remerge.provenance.audit import (
     BIT_IDENTICAL, CONFIGS_DIFFER, audit_model, find_recipe, published_folder, write_reports,
 )
 from remerge.errors import AuditError
-from remerge.models import default_models_dir, resolve_reference
-from remerge.recipe import VERSIONS
+from remerge.hub.references import default_models_dir, resolve_reference
+from remerge.merge.recipe import VERSIONS
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remerge.demo import build_demo_models  # torch and transformers: only when needed
+    from remerge.demo.models import build_demo_models  # torch and transformers: only when needed
 
     build_demo_models(args.out_dir, seed=args.seed)
     for name in ("base", "instruct"):

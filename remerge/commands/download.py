@@ -2,7 +2,7 @@
 
 DIR/snapshot/ receives the files (safetensors weights, json configs, tokenizer files), and
 DIR/manifest.json (repo, requested revision, resolved commit, each file's size and sha256) is
-written last, only when every file matches the hub's checksums. See `remerge.download`.
+written last, only when every file matches the hub's checksums. See `remerge.hub.download`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remerge.download import download_model  # imported here: huggingface_hub is slow to import
+    from remerge.hub.download import download_model  # imported here: huggingface_hub is slow to import
 
     if not args.verbose:  # one INFO line per HTTP request would bury the messages that matter
         logging.getLogger("httpx2").setLevel(logging.WARNING)

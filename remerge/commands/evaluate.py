@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from remerge.errors import EvaluationError
-from remerge.evaluate import DTYPES, PRESETS, EvalSettings
+from remerge.evaluation.run import DTYPES, PRESETS, EvalSettings
 
 
 def _batch_size(text: str) -> int | str:
@@ -78,8 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remerge import evaluate
-
+    from remerge.evaluation import run as evaluate
     settings = settings_from_args(args)
     if args.check:
         evaluate.check_model_dir(args.model_dir)

@@ -1,7 +1,7 @@
 """`remerge manifest FOLDER --out FILE`: record a local model folder's files and their sha256.
 
 The manifest has the same format as a download's (source "local", no repo or commit), so a
-local folder can stand wherever a hub model can. See `remerge.manifest`.
+local folder can stand wherever a hub model can. See `remerge.hub.manifest`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from remerge.manifest import local_manifest, write_manifest
+from remerge.hub.manifest import local_manifest, write_manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from remerge.engine import merge_model
-from remerge.plan import DEFAULT_SHARD_SIZE, parse_size
-from remerge.models import resolve_references
-from remerge.recipe import VERSIONS, load_recipe
+from remerge.merge.engine import merge_model
+from remerge.merge.plan import DEFAULT_SHARD_SIZE, parse_size
+from remerge.hub.references import resolve_references
+from remerge.merge.recipe import VERSIONS, load_recipe
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from remerge import scores
+from remerge.evaluation import scores
 from remerge.errors import EvaluationError
-from remerge.files import write_json_atomic
+from remerge.io.files import write_json_atomic
 
 CARD_TITLE = "Card table: raw scores x 100 and their mean (the seed model card's format)"
 LEADERBOARD_TITLE = (

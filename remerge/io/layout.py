@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from remerge.methods import LEGACY
+from remerge.merge.methods import LEGACY
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -18,8 +18,8 @@ from typing import Any, Mapping
 import yaml
 
 from remerge.errors import RemergeError
-from remerge.layout import shard_names as _shard_names
-from remerge.recipe import VERSIONS, dump_recipe, parse_recipe
+from remerge.io.layout import shard_names as _shard_names
+from remerge.merge.recipe import VERSIONS, dump_recipe, parse_recipe
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model entry

@@ -13,7 +13,7 @@ huggingface_hub checks sizes but not contents, and a branch can move while files
 
 Layout of `out_dir`:
 
-    manifest.json      the manifest (remerge.manifest); the workflow's output
+    manifest.json      the manifest (remerge.hub.manifest); the workflow's output
     snapshot/          the model files, exactly those in the manifest (huggingface_hub `local_dir`)
     snapshot/.cache/   huggingface_hub's bookkeeping (each file's commit and etag); not in the manifest
     hub-listing.json   the hub's listing at the commit, so that an offline run can still verify
@@ -49,7 +49,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils.sha import git_hash
 
 from remerge.errors import DownloadError
-from remerge.manifest import MANIFEST_NAME, hash_file, new_manifest, write_manifest
+from remerge.hub.manifest import MANIFEST_NAME, hash_file, new_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 

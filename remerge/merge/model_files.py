@@ -22,10 +22,10 @@ from typing import Mapping
 import yaml
 
 from remerge.errors import ModelError
-from remerge.methods import LEGACY
-from remerge.recipe import Recipe
-from remerge.layout import INDEX_NAME
-from remerge.files import write_bytes_atomic
+from remerge.merge.methods import LEGACY
+from remerge.merge.recipe import Recipe
+from remerge.io.layout import INDEX_NAME
+from remerge.io.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _link(ref: str) -> str:
 def mergekit_card(recipe: Recipe, name: str) -> str:
     """README.md as mergekit writes it: front matter, method (linked to its paper), models
     merged (recipe order; mergekit's own order comes from a Python set), the recipe verbatim."""
-    from remerge.methods import card_method
+    from remerge.merge.methods import card_method
 
     hub_ids = [ref.split("@")[0] for ref in recipe.inputs if is_hub_id(ref)]  # no revision
     front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",

@@ -1,6 +1,6 @@
 """Merge methods declared as data: name, paper, steps, parameters and their defaults.
 
-The same table drives recipe validation, the arithmetic (`remerge.tensor_ops`) and the model
+The same table drives recipe validation, the arithmetic (`remerge.merge.tensor_ops`) and the model
 card's "Merge Method" section. No torch here, so the workflow can import it cheaply.
 """
 

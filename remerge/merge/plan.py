@@ -1,6 +1,6 @@
 """The shard plan of a merge: every output tensor's inputs, dtype and shard (no torch here).
 
-Made once per merge from the input headers (`remerge.engine.plan_merge`), shared by every
+Made once per merge from the input headers (`remerge.merge.engine.plan_merge`), shared by every
 grid point (it does not depend on weights or densities), read by each shard job and by the
 job that writes the index.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Iterable
 
 from remerge.errors import ModelError, RecipeError
-from remerge.files import write_bytes_atomic
-from remerge.layout import ELEMENT_SIZES, INDEX_NAME, SINGLE_NAME, shard_names
-from remerge.methods import LEGACY
-from remerge.recipe import Recipe
+from remerge.io.files import write_bytes_atomic
+from remerge.io.layout import ELEMENT_SIZES, INDEX_NAME, SINGLE_NAME, shard_names
+from remerge.merge.methods import LEGACY
+from remerge.merge.recipe import Recipe
 
 PLAN_FORMAT = "remerge.plan/1"
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # mergekit's default `--out-shard-size 5B`

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 
 from remerge.errors import AuditError
-from remerge.files import write_json_atomic, write_text_atomic
-from remerge.layout import INDEX_NAME
+from remerge.io.files import write_json_atomic, write_text_atomic
+from remerge.io.layout import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,13 @@ CARD_FILES = ("README.md", "*.yml", "*.yaml")
 
 def published_folder(ref: str, models_dir: Path | None) -> Path:
     """A published merge's folder: a local folder as is, a hub id downloaded with its card."""
-    from remerge.models import HUB_ID, resolve_reference
+    from remerge.hub.references import HUB_ID, resolve_reference
 
     if Path(ref).is_dir():
         return Path(ref)
     if not HUB_ID.match(ref):
         raise AuditError(f"published model {ref!r}: no such folder, and not a hub id org/name[@revision]")
-    from remerge.download import DEFAULT_ALLOW_PATTERNS
+    from remerge.hub.download import DEFAULT_ALLOW_PATTERNS
 
     return resolve_reference(ref, models_dir, allow_patterns=(*DEFAULT_ALLOW_PATTERNS, *CARD_FILES))
 
@@ -181,7 +181,7 @@ def recorded_version(published: Path) -> str | None:
 
 def semantics_for(recorded: str) -> str:
     """Whose arithmetic to follow for a recorded mergekit version: 0.0.x -> 0.0.5.1, else 0.1.5."""
-    from remerge.recipe import VERSIONS
+    from remerge.merge.recipe import VERSIONS
 
     if recorded in VERSIONS:
         return recorded
@@ -370,7 +370,7 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> None:
 def expected_json(recipe, folders: Mapping[str, Path], transplant_from: Path | None) -> dict[str, Any]:
     """The json files the recipe produces: mergekit's config.json and the donor's tokenizer
     json files, then (with a transplant) every .json of the transplant donor but the index."""
-    from remerge.configs import donor, merged_config, tokenizer_files, transplant_files
+    from remerge.merge.model_files import donor, merged_config, tokenizer_files, transplant_files
 
     base = Path(folders[donor(recipe)])
     files: dict[str, Any] = {"config.json": merged_config(recipe, base)}
@@ -389,9 +389,9 @@ def audit_model(
     transplant_from: str | None = None, published_reference: str | None = None,
 ) -> dict[str, Any]:
     """Re-merge the recipe tensor by tensor (in memory) and compare with `published`."""
-    from remerge.engine import merge_tensor, plan_merge
-    from remerge.recipe import parse_recipe
-    from remerge.safetensors_io import ModelFolder
+    from remerge.merge.engine import merge_tensor, plan_merge
+    from remerge.merge.recipe import parse_recipe
+    from remerge.io.safetensors import ModelFolder
 
     published = Path(published)
     recorded = recorded_version(published)

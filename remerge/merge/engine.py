@@ -23,14 +23,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from remerge import native
+from remerge.merge.kernels import native
 from remerge.errors import ModelError, RecipeError
-from remerge.files import write_bytes_atomic
-from remerge.layout import INDEX_NAME
-from remerge.methods import LEGACY
-from remerge.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, cut_shards, write_index
-from remerge.recipe import Recipe, tensor_parameters
-from remerge.safetensors_io import DTYPE_NAMES, ST_NAMES, ModelFolder, ShardWriter, torch_dtype
+from remerge.io.files import write_bytes_atomic
+from remerge.io.layout import INDEX_NAME
+from remerge.merge.methods import LEGACY
+from remerge.merge.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, cut_shards, write_index
+from remerge.merge.recipe import Recipe, tensor_parameters
+from remerge.io.safetensors import DTYPE_NAMES, ST_NAMES, ModelFolder, ShardWriter, torch_dtype
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the plain path needs none
     import numpy
@@ -195,7 +195,7 @@ def merge_tensor(
 ) -> "torch.Tensor":
     """Compute one output tensor; inputs are read when needed (mapped, not copied) and
     dropped after use."""
-    from remerge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
+    from remerge.merge.tensor_ops import linear, task_arithmetic_streamed, tensor_seed
 
     compute = torch_dtype(tensor.compute_dtype)
     present = [ref for ref, src in tensor.sources.items() if src]
@@ -302,7 +302,7 @@ def merge_model(
     """The whole model folder, as `mergekit-yaml` writes it, built in a hidden staging folder
     and moved into `out_dir` only when complete (config.json last): a failed or killed run
     leaves no file that looks like a finished model."""
-    from remerge.configs import mergekit_card, start_transformers_import, write_merge_files
+    from remerge.merge.model_files import mergekit_card, start_transformers_import, write_merge_files
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from remerge.errors import RecipeError
-from remerge.methods import METHODS, MethodSpec
+from remerge.merge.methods import METHODS, MethodSpec
 
 log = logging.getLogger(__name__)
 

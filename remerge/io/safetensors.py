@@ -27,8 +27,8 @@ from queue import Queue
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from remerge.errors import ModelError
-from remerge.files import write_bytes_atomic  # noqa: F401  (re-exported)
-from remerge.layout import ELEMENT_SIZES, INDEX_NAME
+from remerge.io.files import write_bytes_atomic  # noqa: F401  (re-exported)
+from remerge.io.layout import ELEMENT_SIZES, INDEX_NAME
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit

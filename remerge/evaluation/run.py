@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from remerge.errors import EvaluationError
-from remerge.files import write_text_atomic
-from remerge.scores import LEADERBOARD_TASKS
+from remerge.io.files import write_text_atomic
+from remerge.evaluation.scores import LEADERBOARD_TASKS
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -69,7 +69,7 @@ PRESETS: dict[str, Preset] = {
         fewshot_as_multiturn=True,
     ),
     "demo": Preset(
-        description="the embedded demo's local offline tasks (remerge/tasks/demo/)",
+        description="the embedded demo's local offline tasks (remerge/evaluation/tasks/demo/)",
         tasks=None,
         include_path=(str(DEMO_TASKS_DIR),),
         batch_size=8,

@@ -12,7 +12,7 @@ Two skills over the words "0" .. "39" make a merge's effect measurable:
 The instruct model is the (bf16-rounded) base fine-tuned on count-down chats only, which
 overwrites the base's "next = last + 1" habit: the base scores ~100% on count up and ~5% on
 count down, the instruct model the other way round, and TIES merges in between land in
-between. The two lm-eval tasks in `remerge/tasks/demo/` ask the questions of `task_questions`.
+between. The two lm-eval tasks in `remerge/evaluation/tasks/demo/` ask the questions of `task_questions`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ CHAT_TEMPLATE = (
 MODEL_NAMES = ("base", "instruct")
 # The two skills; lm-eval task `demo_<skill>` reads `<skill>.jsonl` in TASK_DIR.
 SKILLS = ("count_up", "count_down")
-TASK_DIR = Path(__file__).parent / "tasks" / "demo"
+TASK_DIR = Path(__file__).resolve().parents[1] / "evaluation" / "tasks" / "demo"
 TASK_QUESTIONS = 100  # per task, so accuracy moves in steps of 1%
 TASK_SEED = 0  # of the shipped questions; independent of the models' seed
 
@@ -315,7 +315,7 @@ def model_card(name: str, seed: int, spec: DemoSpec, params: int, loss: float) -
         "tags:\n- remerge-demo\n- synthetic\n---\n\n"
         f"# remerge demo: {name}\n\n"
         f"A tiny Llama-architecture model built offline by `remerge demo OUT_DIR --seed {seed}` "
-        "(`remerge.demo.build_demo_models`) to demonstrate weight merges. It is not a language "
+        "(`remerge.demo.models.build_demo_models`) to demonstrate weight merges. It is not a language "
         f"model: its vocabulary is the words `0`..`{MAX_NUMBER}` and a few chat words.\n\n"
         f"- Skill: {skill}.\n- Origin: {origin}.\n"
         f"- Size: {params:,} parameters ({spec.num_hidden_layers} layers, hidden "
@@ -408,7 +408,7 @@ def _question(skill: str, rng: random.Random) -> tuple[str, int, int]:
 
 
 def write_task_data(folder: Path = TASK_DIR) -> list[Path]:
-    """(Re)write `<skill>.jsonl` for both skills: the files shipped in `remerge/tasks/demo/`."""
+    """(Re)write `<skill>.jsonl` for both skills: the files shipped in `remerge/evaluation/tasks/demo/`."""
     paths = []
     for skill in SKILLS:
         rows = task_questions(skill, TASK_QUESTIONS, TASK_SEED)

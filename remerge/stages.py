@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from remerge.configs import transplant, write_merge_files
-from remerge.files import (
+from remerge.merge.model_files import transplant, write_merge_files
+from remerge.io.files import (
     remove_stale_temporaries, sha256_file, write_json_atomic, write_text_atomic,
 )
-from remerge.manifest import read_manifest
-from remerge.plan import Plan, index_json
-from remerge.recipe import parse_recipe
+from remerge.hub.manifest import read_manifest
+from remerge.merge.plan import Plan, index_json
+from remerge.merge.recipe import parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def merge_one_shard(
     plan_path: str, recipe_text: str, version: str | None, shard_path: str,
     digests_path: str, threads: int | None = None,
 ) -> None:
-    from remerge.engine import merge_shard
-    from remerge.plan import Plan
+    from remerge.merge.engine import merge_shard
+    from remerge.merge.plan import Plan
 
     plan = Plan.from_json(Path(plan_path).read_text(), where=plan_path)
     recipe = parse_recipe(recipe_text, version=version)
@@ -134,7 +134,7 @@ def write_card_and_provenance(
     configs_path: str, scores_path: str | None, grid_point: Mapping[str, str],
     card_path: str, provenance_path: str,
 ) -> None:
-    from remerge.card import card_text, input_record, provenance
+    from remerge.provenance.card import card_text, input_record, provenance
 
     recipe = parse_recipe(Path(recipe_path).read_text(encoding="utf-8"), version=version)
     inputs = [input_record(ref, names.get(ref), read_manifest(manifests[ref])) for ref in recipe.inputs]
@@ -154,8 +154,8 @@ def run_audit(published: str, recipe_file: str | None, path_map: Mapping[str, st
               transplant_from: str | None, version: str | None, models_dir: str,
               report_path: str) -> str:
     """The audit job: whatever the verdict, the reports are its result (returns the verdict)."""
-    from remerge.audit import audit_model, find_recipe, published_folder, write_reports
-    from remerge.models import resolve_reference
+    from remerge.provenance.audit import audit_model, find_recipe, published_folder, write_reports
+    from remerge.hub.references import resolve_reference
 
     folder = published_folder(published, Path(models_dir))
     text, source = find_recipe(folder, recipe_file)
@@ -172,8 +172,8 @@ def evaluate_and_score(model_dir: str | None, manifest: str | None, settings: Ma
                        samples_dir: str | None, results_path: str, scores_path: str) -> None:
     """lm-eval's full results, then `scores.json` (task scores and, for leaderboard tasks,
     the card and leaderboard tables)."""
-    from remerge.evaluate import EvalSettings, evaluate_model
-    from remerge.scores import scores_document
+    from remerge.evaluation.run import EvalSettings, evaluate_model
+    from remerge.evaluation.scores import scores_document
 
     folder = model_dir or read_manifest(manifest)["path"]
     clear_stale(results_path, scores_path, samples_dir or Path(results_path).with_name("samples"))

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from remerge import native
-from remerge.methods import LEGACY, MethodSpec
+from remerge.merge.kernels import native
+from remerge.merge.methods import LEGACY, MethodSpec
 
 
 # --- sparsification: which entries of one task vector survive ------------------------------

@@ -24,7 +24,7 @@ def resolve_reference(ref: str, models_dir: Path | None = None, allow_patterns=N
     match = HUB_ID.match(ref)
     if match is None or ref.startswith(("/", ".", "~")):
         raise RecipeError(f"model {ref!r}: no such folder, and not a hub id like org/name[@revision]")
-    from remerge.download import download_model
+    from remerge.hub.download import download_model
 
     repo, rev = match["repo"], match["rev"] or "main"
     out = (models_dir or default_models_dir()) / repo.replace("/", "--") / rev.replace("/", "--")

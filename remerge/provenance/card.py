@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from remerge import __version__
-from remerge.methods import LEGACY
-from remerge.recipe import Recipe
-from remerge.scores import BENCHMARK_BY_NAME, CARD_ROWS, card_label, card_markdown, format_percent
+from remerge.merge.methods import LEGACY
+from remerge.merge.recipe import Recipe
+from remerge.evaluation.scores import BENCHMARK_BY_NAME, CARD_ROWS, card_label, card_markdown, format_percent
 
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -214,6 +214,6 @@ def card_text(prov: Mapping[str, Any], recipe: Recipe, license: str | None) -> s
 
 
 def write_card(path: str | Path, text: str) -> None:
-    from remerge.files import write_text_atomic
+    from remerge.io.files import write_text_atomic
 
     write_text_atomic(path, text)

@@ -10,8 +10,8 @@ from typing import Mapping
 
 import yaml
 
-from remerge.files import write_text_atomic
-from remerge.recipe import parse_recipe
+from remerge.io.files import write_text_atomic
+from remerge.merge.recipe import parse_recipe
 
 # The element the altered copy changes (lowest mantissa bit of its first element).
 ALTERED_TENSOR = "model.layers.0.mlp.down_proj.weight"

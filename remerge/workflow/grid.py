@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from remerge.files import write_bytes_atomic, write_text_atomic
+from remerge.io.files import write_bytes_atomic, write_text_atomic
 
 MAIN_METRICS = ("acc", "acc_norm", "exact_match")
 

@@ -1,0 +1,1 @@
+"""lm-eval runs (settings, pre-flight checks, running) and the leaderboard's scores."""

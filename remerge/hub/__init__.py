@@ -1,0 +1,1 @@
+"""Model references, hub downloads at pinned revisions, and per-model manifests."""

@@ -1,0 +1,1 @@
+"""Compiled kernels (built on first use) behind the per-tensor entry point."""

@@ -1,0 +1,1 @@
+"""What explains a merged model: model cards, provenance records, audits of published merges."""
