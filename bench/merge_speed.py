@@ -18,6 +18,9 @@
 Timings are warm-cache by default (inputs read once beforehand, `sync` before every run);
 `--cold` drops the page cache before every run (needs root). Nothing here imports remerge:
 the script only runs its command line. See bench/README.md.
+
+The models come from synthetic_models.py, the measuring (and the floor) from measure.py;
+this file has the command line, the recipes, the runs, the bit-identity check and the output.
 """
 
 from __future__ import annotations
@@ -33,15 +36,16 @@ import statistics
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+# bench/ is this script's directory, hence on sys.path
+from measure import floor_command, floor_worker, measure, safetensors_header, warm_inputs
+from synthetic_models import ROLES, build_worker, ensure_models, llama_shape, parse_size, size_tag
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_VENV_ROOT = Path.home() / ".cache" / "remerge-parity"
-GENERATOR_VERSION = 1  # bump when the model generator changes: models are then rebuilt
-INDEX_NAME = "model.safetensors.index.json"
 VENV_HELP = """\
 mergekit side environment missing. To create them (outside this repo, never in .venv):
   python3.11 -m venv ~/.cache/remerge-parity/venv-0.0.5.1
@@ -52,214 +56,6 @@ mergekit side environment missing. To create them (outside this repo, never in .
       --extra-index-url https://download.pytorch.org/whl/cpu
 (or `python3.11 tests/parity/make_goldens.py`, which creates both), then pass
 --mergekit-venv PATH for each."""
-
-
-# --- sizes --------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """`300M`, `1.5B`, `75000000`: K/M/B are powers of 1000 (mergekit's convention)."""
-    text = str(text).strip()
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower(), 1)
-    number = text[:-1] if scale != 1 else text
-    try:
-        value = int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 300M, 1.5B)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
-
-
-def size_tag(n: int) -> str:
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= scale and n % (scale // 1000 or 1) == 0:
-            value = n / scale
-            return f"{value:g}{unit}"
-    return str(n)
-
-
-# --- synthetic models ---------------------------------------------------------------------
-
-# hidden, intermediate, attention heads, kv heads: a Llama-like width for each size band
-WIDTHS = [
-    (40e6, (256, 704, 4, 4)),
-    (100e6, (512, 1408, 8, 8)),
-    (225e6, (768, 2048, 12, 12)),
-    (700e6, (1024, 2816, 16, 16)),
-    (2.5e9, (2048, 5632, 16, 16)),
-    (float("inf"), (4096, 14336, 32, 8)),
-]
-VOCAB = 32000
-
-
-def llama_shape(params: int, vocab: int = VOCAB) -> dict:
-    """A Llama config near `params` parameters: the width from the table, then the layer count."""
-    hidden, inter, heads, kv_heads = next(w for limit, w in WIDTHS if params < limit)
-    head_dim = hidden // heads
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter + 2 * hidden
-    outside = 2 * vocab * hidden + hidden  # embed_tokens, lm_head (untied), final norm
-    layers = max(1, round((params - outside) / per_layer))
-    return {
-        "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "num_hidden_layers": layers,
-        "vocab_size": vocab, "parameters": outside + layers * per_layer,
-    }
-
-
-def tensor_shapes(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of the model in the order transformers saves them."""
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    kv = shape["num_key_value_heads"] * shape["head_dim"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        out += [
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return out
-
-
-def llama_config(shape: dict, marker: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 1, "eos_token_id": 2, "head_dim": shape["head_dim"], "hidden_act": "silu",
-        "hidden_size": shape["hidden_size"], "initializer_range": 0.02,
-        "intermediate_size": shape["intermediate_size"], "max_position_embeddings": 4096 + marker,
-        "mlp_bias": False, "model_type": "llama",
-        "num_attention_heads": shape["num_attention_heads"],
-        "num_hidden_layers": shape["num_hidden_layers"],
-        "num_key_value_heads": shape["num_key_value_heads"], "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.45.2", "use_cache": True, "vocab_size": shape["vocab_size"],
-    }
-
-
-ROLES = ("base", "ft_a", "ft_b", "ft_c")
-DELTA_STD = 1e-3  # fine-tune noise on weight matrices (bf16 ulp at |w| = 0.02 is 1.2e-4)
-NORM_DELTA_STD = 2e-3  # on the norms (ulp near 1 is 7.8e-3: most stay exactly equal)
-KEEP = 0.85  # share of entries a fine-tune changes at all; the rest are exact zeros
-
-
-def _generator(seed: int, *parts: object):
-    import torch
-
-    digest = hashlib.sha256("\0".join(map(str, (seed, *parts))).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def base_tensor(seed: int, name: str, shape: tuple[int, ...]):
-    import torch
-
-    g = _generator(seed, "base", name)
-    if len(shape) == 1:  # RMSNorm weights around 1
-        values = 1.0 + 0.05 * torch.randn(shape, generator=g)
-    else:
-        values = 0.02 * torch.randn(shape, generator=g)
-    return values.to(torch.bfloat16)
-
-
-def finetune_tensor(seed: int, role: str, name: str, base):
-    """base + delta, rounded to bf16. delta = a direction shared by all fine-tunes plus the
-    model's own noise (so signs agree often but not always), zero on a random 15%."""
-    import torch
-
-    std = NORM_DELTA_STD if base.ndim == 1 else DELTA_STD
-    common = torch.randn(base.shape, generator=_generator(seed, "common", name))
-    own = torch.randn(base.shape, generator=_generator(seed, role, name))
-    keep = torch.rand(base.shape, generator=_generator(seed, role, "keep", name)) < KEEP
-    delta = (0.6 * common).add_(own, alpha=0.8).mul_(std).mul_(keep)
-    return base.float().add_(delta).to(torch.bfloat16)
-
-
-def _shard_cut(names_bytes: list[tuple[str, int]], shards: int) -> list[list[str]]:
-    total = sum(b for _, b in names_bytes)
-    cut: list[list[str]] = [[]]
-    done = 0
-    for name, nbytes in names_bytes:
-        if cut[-1] and done >= total * len(cut) / shards and len(cut) < shards:
-            cut.append([])
-        cut[-1].append(name)
-        done += nbytes
-    return cut
-
-
-def model_spec(seed: int, role: str, shape: dict, shards: int) -> dict:
-    return {"generator": GENERATOR_VERSION, "seed": seed, "role": role, "shape": shape,
-            "shards": shards, "delta_std": DELTA_STD, "norm_delta_std": NORM_DELTA_STD, "keep": KEEP}
-
-
-SPEC_NAME = "remerge-bench.json"
-
-
-def model_is_current(folder: Path, spec: dict) -> bool:
-    try:
-        have = json.loads((folder / SPEC_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if have.get("spec") != spec:
-        return False
-    return all((folder / f).is_file() and (folder / f).stat().st_size == size
-               for f, size in have.get("files", {}).items())
-
-
-def build_models(models_dir: Path, seed: int, shape: dict, shards: int) -> dict[str, Path]:
-    """base, ft_a, ft_b, ft_c under models_dir (reused when their spec matches)."""
-    import torch  # noqa: F401  (only the generator needs torch)
-    from safetensors.torch import save_file
-
-    folders = {}
-    names = tensor_shapes(shape)
-    cut = _shard_cut([(n, 2 * _numel(s)) for n, s in names], shards)
-    shape_of = dict(names)
-    for marker, role in enumerate(ROLES):
-        folder = models_dir / role
-        folders[role] = folder
-        spec = model_spec(seed, role, shape, shards)
-        if model_is_current(folder, spec):
-            continue
-        started = time.monotonic()
-        print(f"[models] building {folder} ({shape['parameters'] / 1e6:.0f}M params, "
-              f"{len(cut)} shards)", flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        files = {}
-        weight_map = {}
-        total = 0
-        for k, shard in enumerate(cut, 1):
-            fname = f"model-{k:05d}-of-{len(cut):05d}.safetensors"
-            tensors = {}
-            for name in shard:
-                t = base_tensor(seed, name, shape_of[name])
-                if role != "base":
-                    t = finetune_tensor(seed, role, name, t)
-                tensors[name] = t
-                weight_map[name] = fname
-                total += t.numel() * 2
-            save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-            del tensors
-            files[fname] = (folder / fname).stat().st_size
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (folder / "config.json").write_text(json.dumps(llama_config(shape, marker), indent=2) + "\n")
-        for f in (INDEX_NAME, "config.json"):
-            files[f] = (folder / f).stat().st_size
-        (folder / SPEC_NAME).write_text(json.dumps({"spec": spec, "files": files}, indent=2) + "\n")
-        print(f"[models] {role}: {total / 1e6:.0f} MB in {time.monotonic() - started:.1f}s", flush=True)
-    return folders
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --- recipes ------------------------------------------------------------------------------
@@ -316,84 +112,7 @@ RECIPE_MODELS = {"seed": ("base", "ft_a"), "ties3": ("base", "ft_a", "ft_b", "ft
 RECIPE_NOTES = {"seed": {"0.1.5": "mergekit 0.1.5 refuses a model listed twice"}}
 
 
-# --- the floor (runs in its own process: `merge_speed.py floor-worker ...`) ----------------
-
-
-def floor_worker(argv: list[str]) -> int:
-    """Read every tensor of every model with safe_open/get_tensor; write the first model's
-    tensors (the base: the merge's output has the same names, shapes and dtypes) as
-    safetensors shards cut at the same size, streamed, fsynced. No arithmetic."""
-    ap = argparse.ArgumentParser(prog="merge_speed.py floor-worker")
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("models", type=Path, nargs="+")
-    ap.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"))
-    ap.add_argument("--no-fsync", action="store_true")
-    args = ap.parse_args(argv)
-
-    import torch  # noqa: F401
-    from safetensors import safe_open
-
-    handles = []  # per model: name -> open handle
-    for folder in args.models:
-        files = sorted(folder.glob("*.safetensors"))
-        by_name = {}
-        for f in files:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            for name in h.keys():
-                by_name[name] = h
-        handles.append(by_name)
-    base = handles[0]
-    names = sorted(base)
-    # shapes/dtypes of the output from the base's headers (read without loading)
-    meta = {}
-    for f in sorted(args.models[0].glob("*.safetensors")):
-        meta.update(_header(f))
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = meta[name][2][1] - meta[name][2][0]
-        if shards[-1] and size + nbytes > args.out_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for k, shard in enumerate(shards, 1):
-        path = args.out_dir / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        header, pos = {"__metadata__": {"format": "pt"}}, 0
-        for name in shard:
-            dtype, shape, (start, end) = meta[name]
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + end - start]}
-            pos += end - start
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(raw)) + raw)
-            for name in shard:
-                first = None
-                for model in handles:  # every input's copy of this tensor is read
-                    t = model[name].get_tensor(name)
-                    first = t if first is None else first
-                out.write(memoryview(first.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            out.flush()
-            if not args.no_fsync:
-                os.fsync(out.fileno())
-    # tensors only some inputs have (none for these models) are read too
-    for model in handles[1:]:
-        for name in sorted(set(model) - set(base)):
-            model[name].get_tensor(name)
-    return 0
-
-
 # --- reading outputs ----------------------------------------------------------------------
-
-
-def _header(path: Path) -> dict[str, tuple[str, list[int], tuple[int, int]]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], v["shape"], tuple(v["data_offsets"])) for k, v in header.items()}
 
 
 def folder_tensors(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
@@ -402,7 +121,7 @@ def folder_tensors(folder: Path) -> dict[str, tuple[Path, str, list[int], int, i
     for f in sorted(folder.glob("*.safetensors")):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-        for name, (dtype, shape, (s, e)) in _header(f).items():
+        for name, (dtype, shape, (s, e)) in safetensors_header(f).items():
             out[name] = (f, dtype, shape, 8 + n + s, 8 + n + e)
     return out
 
@@ -466,137 +185,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# --- running and measuring ------------------------------------------------------------------
-
-
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (up to max_wait s) until other processes use under `threshold` of the machine's
-    CPUs over one second; returns the last busy share seen (this machine may be shared)."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        b0, t0 = _cpu_jiffies()
-        time.sleep(1.0)
-        b1, t1 = _cpu_jiffies()
-        share = (b1 - b0) / max(1, t1 - t0)
-        if share < threshold or time.monotonic() >= deadline:
-            return share
-        time.sleep(2.0)
-
-
-# A tiny fresh process between this script and the measured command. ru_maxrss of a process
-# starts at the RSS of whoever forked it (Linux carries the pre-exec high-water mark over
-# exec), so the measured command must be forked by a small process, not by this one.
-LAUNCHER = r"""
-import json, os, sys, time
-out, cmd = sys.argv[1], sys.argv[2:]
-t0 = time.perf_counter()
-try:
-    pid = os.posix_spawnp(cmd[0], cmd, os.environ)
-except OSError as err:
-    print(f"cannot start {cmd[0]}: {err}", flush=True)
-    sys.exit(127)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(out, "w") as f:
-    json.dump({"wall_s": wall, "maxrss_kib": ru.ru_maxrss, "utime": ru.ru_utime,
-               "stime": ru.ru_stime, "rc": os.waitstatus_to_exitcode(status)}, f)
-sys.exit(min(255, abs(os.waitstatus_to_exitcode(status))))
-"""
-
-
-def measure(cmd: list[str], log_path: Path, env: dict, cold: bool, interval: float = 0.05,
-            quiet_wait: float = 0.0) -> dict:
-    """Run `cmd` as a fresh process; wall time, CPU time, peak RSS of the process tree.
-
-    Peak RSS: `wait4`'s ru_maxrss (the largest single process of the tree, children that were
-    waited for included), taken by a small launcher process that forks the command, and a
-    /proc poll every `interval` s summing RSS (and anonymous RSS, i.e. without file pages such
-    as mmapped inputs) over the command and all its descendants.
-    """
-    import psutil
-
-    busy_before = wait_quiet(quiet_wait) if quiet_wait > 0 else None
-    os.sync()  # earlier runs' dirty pages are not flushed on this run's clock
-    if cold:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    peak = {"rss": 0, "anon": 0}
-    done = threading.Event()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        report = log_path.with_suffix(".rusage.json")
-        report.unlink(missing_ok=True)
-        jiffies0 = _cpu_jiffies()
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-        def poll():
-            try:
-                launcher = psutil.Process(proc.pid)
-            except psutil.Error:
-                return
-            while not done.is_set():
-                try:
-                    tree = launcher.children(recursive=True)  # the command and its children
-                except psutil.Error:
-                    break
-                rss = anon = 0
-                for p in tree:
-                    try:
-                        rss += p.memory_info().rss
-                    except psutil.Error:
-                        continue
-                    anon += _status_kb(p.pid, "RssAnon:") * 1024
-                peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
-                done.wait(interval)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        proc.wait()
-        outer_wall = time.perf_counter() - started
-        jiffies1 = _cpu_jiffies()
-        done.set()
-        poller.join()
-    try:
-        usage = json.loads(report.read_text())
-    except (OSError, ValueError):
-        raise SystemExit(f"the launcher of {cmd[0]} reported nothing; see {log_path}") from None
-    wall = usage["wall_s"]  # spawn to exit of the command itself (not the launcher)
-    proc.returncode = usage["rc"]
-    maxrss = usage["maxrss_kib"] * 1024  # KiB on Linux
-    cpu = usage["utime"] + usage["stime"]
-    machine_busy = (jiffies1[0] - jiffies0[0]) / os.sysconf("SC_CLK_TCK")
-    return {
-        "rc": proc.returncode, "wall_s": wall, "wall_with_launcher_s": outer_wall, "cpu_s": cpu,
-        # CPU seconds the rest of the machine used meanwhile (other jobs, this script's poller):
-        # a large value means the run shared the CPUs and its wall time is inflated
-        "others_cpu_s": max(0.0, machine_busy - cpu), "busy_share_before": busy_before,
-        "peak_rss_bytes": max(maxrss, peak["rss"]), "maxrss_wait4_bytes": maxrss,
-        "peak_rss_polled_bytes": peak["rss"], "peak_anon_polled_bytes": peak["anon"],
-        "log": str(log_path),
-    }
+# --- runs -----------------------------------------------------------------------------------
 
 
 def last_error(log_path: Path) -> str:
@@ -631,15 +220,6 @@ def run_env(out: Path) -> dict:
         HF_HOME=str(out / "hf-home"),
     )
     return env
-
-
-def warm_inputs(folders: list[Path]) -> None:
-    """Read every input file once so that the first tool timed is not the only cold one."""
-    for folder in folders:
-        for f in sorted(folder.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
 
 
 def median(values: list[float]) -> float:
@@ -714,23 +294,9 @@ def find_mergekits(args) -> list[tuple[str, Path]]:
     return found
 
 
-def build_worker(argv: list[str]) -> int:
-    """`merge_speed.py build-models DIR SEED PARAMS SHARDS`: in its own process, so that this
-    script never holds torch or model memory while it measures others."""
-    folder, seed, params, shards = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
-    build_models(folder, seed, llama_shape(params), shards)
-    return 0
-
-
-def ensure_models(models_dir: Path, seed: int, params: int, shards: int) -> dict[str, Path]:
-    shape = llama_shape(params)
-    if not all(model_is_current(models_dir / r, model_spec(seed, r, shape, shards)) for r in ROLES):
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-models",
-                        str(models_dir), str(seed), str(params), str(shards)], check=True)
-    return {r: models_dir / r for r in ROLES}
-
-
 def main(argv: list[str]) -> int:
+    # the workers' former entry points, still accepted (measure.py and synthetic_models.py
+    # are what the benchmark itself runs now)
     if argv[:1] == ["floor-worker"]:
         return floor_worker(argv[1:])
     if argv[:1] == ["build-models"]:
@@ -780,11 +346,7 @@ def main(argv: list[str]) -> int:
                               "expect_refusal": RECIPE_NOTES.get(kind, {}).get(version),
                               "cmd": lambda d, e=exe: [str(e), str(recipe), str(d), *shard_opt]})
             if not args.no_floor:
-                floor_cmd = [sys.executable, str(Path(__file__).resolve()), "floor-worker"]
-                if args.out_shard_size:
-                    floor_cmd += ["--out-shard-size", args.out_shard_size]
-                if args.floor_no_fsync:
-                    floor_cmd += ["--no-fsync"]
+                floor_cmd = floor_command(args.out_shard_size, args.floor_no_fsync)
                 tools.append({"tool": "floor", "semantics": None,
                               "cmd": lambda d, c=floor_cmd: [*c, str(d), *map(str, inputs)]})
             samples: dict[int, list[dict]] = {i: [] for i in range(len(tools))}

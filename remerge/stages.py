@@ -1,181 +1,191 @@
-"""The bodies of the workflow's merge jobs, as functions of paths and plain values.
+"""The merge as stage functions of paths: plan, shard, assemble, configs, card.
 
-The scripts in `scripts/` are two-line wrappers around these, so everything here can be
-tested and reused without Snakemake.
+The workflow's scripts call one stage per job (`scripts/*.py`); `remerge merge` calls them all
+in one process (`merge_model`). Inputs and outputs are paths and plain values (the recipe as
+its text, the release as its version string), so every stage can run in a process of its own.
+
+    stage_plan(recipe, version, folders, plan_path)        plan.json: the shard plan
+    stage_shard(plan_path, recipe, version, shard_path)    one output shard (+ tensor digests)
+    stage_assemble(plan_path, recipe, model_dir)           index, mergekit_config.yml (+ tensors.json)
+    stage_configs(recipe, version, folders, model_dir)     config.json, tokenizer (+ transplant)
+    stage_card(recipe, version, name, card_path)           README.md (+ provenance.json)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from remerge.merge.model_files import transplant, write_merge_files
-from remerge.io.files import (
-    remove_stale_temporaries, sha256_file, write_json_atomic, write_text_atomic,
-)
+from remerge.errors import ModelError
 from remerge.hub.manifest import read_manifest
-from remerge.merge.plan import Plan, index_json
-from remerge.merge.recipe import parse_recipe
+from remerge.io.files import clear_stale, sha256_file, write_json_atomic, write_text_atomic
+from remerge.merge.model_files import start_transformers_import, transplant, write_merge_files
+from remerge.merge.plan import DEFAULT_SHARD_SIZE, Plan, plan_merge, write_index
+from remerge.merge.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
-
-def model_folders(manifests: Mapping[str, str]) -> dict[str, Path]:
-    """{model reference: folder} from {model reference: manifest path}."""
-    return {ref: Path(read_manifest(path)["path"]) for ref, path in manifests.items()}
+RECIPE_NAME = "mergekit_config.yml"
+CARD_NAME = "README.md"
 
 
-def clear_stale(*outputs: str | Path | None) -> None:
-    """Remove the temporaries a killed earlier attempt of this job left next to its outputs
-    (a half-written shard can be gigabytes; nothing would ever remove it otherwise)."""
-    for output in outputs:
-        if output is not None:
-            for tmp in remove_stale_temporaries(output):
-                log.info("removed %s, left by an interrupted earlier run", tmp)
+def stage_plan(recipe_text: str, version: str | None, folders: Mapping[str, str | Path],
+               plan_path: str | Path, out_shard_size: int = DEFAULT_SHARD_SIZE) -> Plan:
+    """The shard plan, from the input headers alone."""
+    plan = plan_merge(parse_recipe(recipe_text, version=version), folders, out_shard_size)
+    write_text_atomic(plan_path, plan.to_json())
+    return plan
 
 
-def merge_one_shard(
-    plan_path: str, recipe_text: str, version: str | None, shard_path: str,
-    digests_path: str, threads: int | None = None,
-) -> None:
-    from remerge.merge.engine import merge_shard
-    from remerge.merge.plan import Plan
+def stage_shard(plan_path: str | Path, recipe_text: str, version: str | None,
+                shard_path: str | Path, digests_path: str | Path | None = None,
+                threads: int | None = None, seed: int = 0) -> None:
+    """One output shard, named as the plan names it; with `digests_path`, the sha256 of each
+    of its tensors too."""
+    from remerge.merge.stream import merge_shard  # numpy (and torch where needed)
 
-    plan = Plan.from_json(Path(plan_path).read_text(), where=plan_path)
-    recipe = parse_recipe(recipe_text, version=version)
-    index = plan.shard_names.index(Path(shard_path).name)
+    plan = Plan.read(plan_path)
+    name = Path(shard_path).name
+    if name not in plan.shard_names:
+        raise ModelError(f"{shard_path}: the plan {plan_path} has no shard of that name "
+                         f"(it has {', '.join(plan.shard_names)})")
     clear_stale(shard_path, digests_path)
-    digests = merge_shard(plan, recipe, index, shard_path, threads=threads, digests=True)
-    write_json_atomic(digests_path, digests)
+    digests = merge_shard(plan, parse_recipe(recipe_text, version=version),
+                          plan.shard_names.index(name), shard_path, threads=threads, seed=seed,
+                          digests=digests_path is not None)
+    if digests_path is not None:
+        write_json_atomic(digests_path, digests)
 
 
-def tensors_digest(digests: Mapping[str, str]) -> str:
-    """One digest of a model's tensors: sha256 over `name\\0sha256\\n` lines in name order.
+def stage_assemble(plan_path: str | Path, recipe_text: str, model_dir: str | Path,
+                   digest_paths: Sequence[str | Path] = (), tensors_path: str | Path | None = None,
+                   always_index: bool = False) -> None:
+    """The index (as the release writes it, or `always_index`), the recipe verbatim, and,
+    with `tensors_path`, every tensor's sha256 and their digest (`tensors.json`)."""
+    from remerge.provenance.record import tensors_digest
 
-    Independent of how the tensors are cut into shards and of the files' headers."""
-    h = hashlib.sha256()
-    for name in sorted(digests):
-        h.update(f"{name}\0{digests[name]}\n".encode())
-    return h.hexdigest()
-
-
-def assemble(
-    plan_path: str, digest_paths: Sequence[str], recipe_text: str, index_path: str,
-    recipe_path: str, tensors_path: str,
-) -> None:
-    """The index (always written, also for one shard), the recipe verbatim, and the
-    per-tensor sha256 with the overall digest (`tensors.json`)."""
-
-    plan = Plan.from_json(Path(plan_path).read_text(), where=plan_path)
-    digests: dict[str, str] = {}
-    for path in digest_paths:
-        digests.update(json.loads(Path(path).read_text()))
-    missing = sorted(set(plan.tensors) - set(digests))
-    if missing:
-        raise ValueError(f"no digest for tensors {missing[:5]}: re-run their merge_shard jobs")
-    write_json_atomic(tensors_path, {
-        "digest": tensors_digest(digests),
-        "tensors": dict(sorted(digests.items())),
-        "total_size": plan.total_size,
-        "shards": plan.shard_names,
-        "mergekit_version": plan.version,
-    })
-    write_text_atomic(recipe_path, recipe_text)
-    write_text_atomic(index_path, index_json(plan))
+    plan = Plan.read(plan_path)
+    if tensors_path is not None:
+        digests: dict[str, str] = {}
+        for path in digest_paths:
+            digests.update(json.loads(Path(path).read_text()))
+        missing = sorted(set(plan.tensors) - set(digests))
+        if missing:
+            raise ModelError(f"no digest for tensors {missing[:5]}: re-run their shard jobs")
+        write_json_atomic(tensors_path, {
+            "digest": tensors_digest(digests),
+            "tensors": dict(sorted(digests.items())),
+            "total_size": plan.total_size,
+            "shards": plan.shard_names,
+            "mergekit_version": plan.version,
+        })
+    write_text_atomic(Path(model_dir) / RECIPE_NAME, recipe_text)
+    write_index(plan, model_dir, always=always_index)
 
 
-def write_configs(
-    recipe_text: str, version: str | None, manifests: Mapping[str, str],
-    donor_manifest: str | None, donor_name: str | None, config_path: str, record_path: str,
-) -> None:
-    """mergekit's config and tokenizer files; then the transplant; then a record of both."""
+def stage_configs(recipe_text: str, version: str | None, folders: Mapping[str, str | Path],
+                  model_dir: str | Path, transplant_from: str | Path | None = None,
+                  donor_name: str | None = None, record_path: str | Path | None = None) -> dict:
+    """mergekit's config.json and tokenizer files; then the optional transplant of another
+    model's .json files; with `record_path`, a record of which file came from where."""
     recipe = parse_recipe(recipe_text, version=version)
-    out_dir = Path(config_path).parent
-    folders = model_folders(manifests)
+    out_dir = Path(model_dir)
     written = {name: recipe.base_model or recipe.inputs[0]
                for name in write_merge_files(recipe, folders, out_dir)}
     replaced: list[str] = []
-    if donor_manifest:
-        replaced = transplant(Path(read_manifest(donor_manifest)["path"]), out_dir)
+    if transplant_from is not None:
+        replaced = transplant(Path(transplant_from), out_dir)
         written.update({name: donor_name for name in replaced})
         log.info("transplanted %s from %s", ", ".join(replaced), donor_name)
     record = {
-        "transplant_from": donor_name if donor_manifest else None,
+        "transplant_from": donor_name if transplant_from is not None else None,
         "replaced": replaced,
-        "files": {
-            name: {"from": source, "sha256": sha256_file(out_dir / name)}
-            for name, source in sorted(written.items())
-        },
+        "files": {name: {"from": source, "sha256": sha256_file(out_dir / name)}
+                  for name, source in sorted(written.items())},
     }
-    write_json_atomic(record_path, record)
+    if record_path is not None:
+        write_json_atomic(record_path, record)
+    return record
 
 
-def model_license(folder: Path, configured: str | None) -> str | None:
-    """The licence for a merge's card: the config's, else the base's own card's."""
-    if configured:
-        return configured
-    readme = Path(folder) / "README.md"
-    if readme.is_file():
-        from huggingface_hub import ModelCard
+@dataclass(frozen=True)
+class ProvenanceFiles:
+    """What the workflow's card adds to mergekit's, as files: the inputs' manifests, the
+    output's tensor digests and config record, the scores; and where provenance.json goes."""
 
-        try:
-            return ModelCard.load(readme).data.to_dict().get("license")
-        except Exception:  # a card without front matter has no licence to take
-            return None
-    return None
+    manifests: Mapping[str, str]  # model reference -> manifest.json
+    names: Mapping[str, str | None]  # model reference -> its name in the config
+    licenses: Mapping[str, str | None]  # model reference -> licence set in the config
+    tensors: str  # tensors.json (stage_assemble)
+    configs: str  # configs.json (stage_configs)
+    scores: str | None  # scores.json, or None when not evaluated
+    grid_point: Mapping[str, str]
+    out: str  # provenance.json to write
 
 
-def write_card_and_provenance(
-    name: str, recipe_path: str, version: str | None, manifests: Mapping[str, str],
-    names: Mapping[str, str | None], licenses: Mapping[str, str | None], tensors_path: str,
-    configs_path: str, scores_path: str | None, grid_point: Mapping[str, str],
-    card_path: str, provenance_path: str,
-) -> None:
-    from remerge.provenance.card import card_text, input_record, provenance
+def stage_card(recipe_text: str, version: str | None, name: str, card_path: str | Path,
+               provenance: ProvenanceFiles | None = None) -> None:
+    """README.md: mergekit's card; with `provenance`, remerge's card, which extends it, and
+    provenance.json beside it."""
+    from remerge.provenance.card import card_text, mergekit_card, model_license
 
-    recipe = parse_recipe(Path(recipe_path).read_text(encoding="utf-8"), version=version)
-    inputs = [input_record(ref, names.get(ref), read_manifest(manifests[ref])) for ref in recipe.inputs]
-    scores = json.loads(Path(scores_path).read_text()) if scores_path else None
-    prov = provenance(
-        name=name, recipe=recipe, inputs=inputs,
-        tensors=json.loads(Path(tensors_path).read_text()),
-        configs=json.loads(Path(configs_path).read_text()), scores=scores, grid_point=grid_point,
-    )
+    recipe = parse_recipe(recipe_text, version=version)
+    if provenance is None:
+        write_text_atomic(card_path, mergekit_card(recipe, name))
+        return
+    record = provenance_record(recipe, name, provenance)
     donor = recipe.base_model or recipe.inputs[0]
-    license = model_license(Path(read_manifest(manifests[donor])["path"]), licenses.get(donor))
-    write_json_atomic(provenance_path, prov)
-    write_text_atomic(card_path, card_text(prov, recipe, license))
+    folder = Path(read_manifest(provenance.manifests[donor])["path"])
+    write_json_atomic(provenance.out, record)
+    write_text_atomic(card_path, card_text(recipe, record, model_license(folder, provenance.licenses.get(donor))))
 
 
-def run_audit(published: str, recipe_file: str | None, path_map: Mapping[str, str],
-              transplant_from: str | None, version: str | None, models_dir: str,
-              report_path: str) -> str:
-    """The audit job: whatever the verdict, the reports are its result (returns the verdict)."""
-    from remerge.provenance.audit import audit_model, find_recipe, published_folder, write_reports
-    from remerge.hub.references import resolve_reference
+def provenance_record(recipe: Recipe, name: str, files: ProvenanceFiles) -> dict[str, Any]:
+    from remerge.provenance.record import input_record, provenance
 
-    folder = published_folder(published, Path(models_dir))
-    text, source = find_recipe(folder, recipe_file)
-    report = audit_model(folder, text, source, path_map,
-                         resolve=lambda ref: resolve_reference(ref, Path(models_dir)),
-                         version=version, transplant_from=transplant_from,
-                         published_reference=published)
-    write_reports(report, Path(report_path).parent)
-    log.info("verdict: %s", report["verdict"])
-    return report["verdict"]
+    load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    inputs = [input_record(ref, files.names.get(ref), read_manifest(files.manifests[ref]))
+              for ref in recipe.inputs]
+    return provenance(name=name, recipe=recipe, inputs=inputs, tensors=load(files.tensors),
+                      configs=load(files.configs), scores=load(files.scores) if files.scores else None,
+                      grid_point=files.grid_point)
 
 
-def evaluate_and_score(model_dir: str | None, manifest: str | None, settings: Mapping[str, object],
-                       samples_dir: str | None, results_path: str, scores_path: str) -> None:
-    """lm-eval's full results, then `scores.json` (task scores and, for leaderboard tasks,
-    the card and leaderboard tables)."""
-    from remerge.evaluation.run import EvalSettings, evaluate_model
-    from remerge.evaluation.scores import scores_document
+# --- all stages in one process ---------------------------------------------------------------
 
-    folder = model_dir or read_manifest(manifest)["path"]
-    clear_stale(results_path, scores_path, samples_dir or Path(results_path).with_name("samples"))
-    results = evaluate_model(folder, EvalSettings.from_mapping(settings), results_path, samples_dir)
-    write_json_atomic(scores_path, scores_document(results))
+
+def merge_model(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: str | Path,
+                out_shard_size: int = DEFAULT_SHARD_SIZE, threads: int | None = None,
+                seed: int = 0) -> Plan:
+    """The whole model folder, as `mergekit-yaml` writes it: every stage, in a hidden staging
+    folder moved into `out_dir` only when complete (config.json last), so that a failed or
+    killed run leaves no file that looks like a finished model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".remerge-partial-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir / f".remerge-partial-{os.getpid()}"
+    staging.mkdir()
+    start_transformers_import(recipe)  # config.json may need it (seconds to import): start now
+    text, version = recipe.text, recipe.release.version
+    plan_path = staging.parent / f".{staging.name}.plan.json"
+    try:
+        plan = stage_plan(text, version, folders, plan_path, out_shard_size)
+        for i, name in enumerate(plan.shard_names):
+            log.info("shard %d/%d: %s", i + 1, len(plan.shards), name)
+            stage_shard(plan_path, text, version, staging / name, threads=threads, seed=seed)
+        stage_assemble(plan_path, text, staging)
+        stage_card(text, version, out_dir.name, staging / CARD_NAME)
+        stage_configs(text, version, folders, staging)
+        last = [p for p in ("config.json",) if (staging / p).exists()]
+        for item in sorted(staging.iterdir(), key=lambda p: p.name in last):
+            shutil.move(str(item), out_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        plan_path.unlink(missing_ok=True)
+    return plan

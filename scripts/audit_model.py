@@ -3,8 +3,10 @@ from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.stages import run_audit
+from pathlib import Path
+
+from remerge.provenance.audit import run_audit
 
 p = snakemake.params
 run_audit(p.published, p.recipe, p.path_map, p.transplant_from, p.version, p.models_dir,
-          snakemake.output.report)
+          Path(snakemake.output.report).parent)

@@ -10,7 +10,7 @@ if snakemake.params.offline:  # local tasks only: never wait on the network
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from remerge.stages import evaluate_and_score
+from remerge.evaluation.run import evaluate_and_score
 
 p = snakemake.params
 evaluate_and_score(

@@ -3,9 +3,9 @@ from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.stages import merge_one_shard
+from remerge.stages import stage_shard
 
-merge_one_shard(
+stage_shard(
     plan_path=snakemake.input.plan,
     recipe_text=snakemake.params.recipe,
     version=snakemake.params.version,

@@ -3,13 +3,10 @@ from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.io.files import write_text_atomic
-from remerge.stages import model_folders
-from remerge.merge.engine import plan_merge
+from remerge.hub.manifest import model_folders
 from remerge.merge.plan import parse_size
-from remerge.merge.recipe import parse_recipe
+from remerge.stages import stage_plan
 
 p = snakemake.params
-recipe = parse_recipe(p.recipe, version=p.version)
-plan = plan_merge(recipe, model_folders(p.manifests), parse_size(p.out_shard_size))
-write_text_atomic(snakemake.output.plan, plan.to_json())
+stage_plan(p.recipe, p.version, model_folders(p.manifests), snakemake.output.plan,
+           parse_size(p.out_shard_size))

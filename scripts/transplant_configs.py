@@ -1,17 +1,20 @@
 """Write the merge's config/tokenizer files, then the optional transplant (rule transplant_configs)."""
+from pathlib import Path
+
 from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.stages import write_configs
+from remerge.hub.manifest import model_folders, read_manifest
+from remerge.stages import stage_configs
 
-p = snakemake.params
-write_configs(
+p, inp = snakemake.params, snakemake.input
+stage_configs(
     recipe_text=p.recipe,
     version=p.version,
-    manifests=p.manifests,
-    donor_manifest=snakemake.input.donor[0] if snakemake.input.donor else None,
+    folders=model_folders(p.manifests),
+    model_dir=Path(snakemake.output.config).parent,
+    transplant_from=read_manifest(inp.donor[0])["path"] if inp.donor else None,
     donor_name=p.donor,
-    config_path=snakemake.output.config,
     record_path=snakemake.output.record,
 )

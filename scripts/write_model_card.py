@@ -1,22 +1,26 @@
 """Write a merged model's card and provenance.json (rule write_model_card)."""
+from pathlib import Path
+
 from remerge.workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from remerge.stages import write_card_and_provenance
+from remerge.stages import ProvenanceFiles, stage_card
 
 inp, p = snakemake.input, snakemake.params
-write_card_and_provenance(
-    name=p.name,
-    recipe_path=inp.recipe,
+stage_card(
+    recipe_text=Path(inp.recipe).read_text(encoding="utf-8"),
     version=p.version,
-    manifests=p.manifests,
-    names=p.names,
-    licenses=p.licenses,
-    tensors_path=inp.tensors,
-    configs_path=inp.configs,
-    scores_path=inp.scores if inp.scores else None,
-    grid_point=p.point,
+    name=p.name,
     card_path=snakemake.output.card,
-    provenance_path=snakemake.output.provenance,
+    provenance=ProvenanceFiles(
+        manifests=p.manifests,
+        names=p.names,
+        licenses=p.licenses,
+        tensors=inp.tensors,
+        configs=inp.configs,
+        scores=inp.scores if inp.scores else None,
+        grid_point=p.point,
+        out=snakemake.output.provenance,
+    ),
 )

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from remerge.provenance.audit import default_mapping, find_recipe, map_references, recipe_from_card, tensor_difference
+from remerge.provenance.audit import default_mapping, map_references
+from remerge.provenance.compare import bytes_difference
+from remerge.provenance.recovery import find_recipe, recipe_from_card
 from remerge.cli import main
 from tinymodels import finetune, random_tensors, write_model
 
@@ -133,5 +135,5 @@ def test_recipe_from_mergekit_config(published):
 def test_ulp_distance_across_zero():
     a = torch.tensor([0.0, 1.0, -1.0], dtype=torch.bfloat16)
     b = torch.tensor([-0.0, 1.0078125, -1.0], dtype=torch.bfloat16)  # -0 differs in bytes only
-    diff = tensor_difference(a, b)
+    diff = bytes_difference(a.view(torch.int16).numpy().view("uint16"), b.view(torch.int16).numpy().view("uint16"), "BF16")
     assert diff["differing_elements"] == 2 and diff["max_ulp"] == 1

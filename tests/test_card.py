@@ -2,7 +2,8 @@
 
 from huggingface_hub import ModelCard
 
-from remerge.provenance.card import card_text, provenance
+from remerge.provenance.card import card_text
+from remerge.provenance.record import provenance
 from remerge.merge.recipe import parse_recipe
 
 RECIPE = """models:
@@ -34,7 +35,7 @@ def make(tmp_path, scores, transplant=True):
                                "tensors": {"w": "e" * 64}},
                       configs=configs, scores=scores, grid_point={})
     path = tmp_path / "README.md"
-    path.write_text(card_text(prov, recipe, "llama3.1"))
+    path.write_text(card_text(recipe, prov, "llama3.1"))
     return ModelCard.load(path), prov
 
 
@@ -62,7 +63,7 @@ def test_body_sections_and_results_table(tmp_path):
     assert "[TIES](https://arxiv.org/abs/2306.01708) merge method using " in body
     assert "[meta-llama/Llama-3.1-8B](https://huggingface.co/meta-llama/Llama-3.1-8B) as a base" in body
     assert "* [arcee-ai/Llama-3.1-SuperNova-Lite](https://huggingface.co/arcee-ai/Llama-3.1-SuperNova-Lite)" in body
-    assert "```yaml\n" + RECIPE.rstrip() + "\n```" in body
+    assert "```yaml\n" + RECIPE + "\n```" in body  # verbatim, as mergekit writes it
     assert "### Config transplant" in body and "`generation_config.json`" in body
     assert "|Average Score      |43.07|" in body and "|IFEval (0-Shot)    |80.96|" in body
     assert "a" * 40 in body and "b" * 64 in body and "d" * 64 in body  # commits, file hashes, digest

@@ -37,8 +37,8 @@ CASES = {
         recipe=c["merges"]["seed"]["recipe"].replace("weight: 1\n", "weight: -1\n", 1)),
         "merges.seed.recipe.models[0].parameters.weight: -1 is negative (allowed: weight >= 0)"),
     "method": (lambda c: c["merges"]["sweep"]["recipe"].update(merge_method="tiez"),
-               "merge_method `tiez` is not supported (supported: ties, task_arithmetic, linear, "
-               "breadcrumbs, breadcrumbs_ties, dare_ties, dare_linear)"),
+               "merge_method `tiez` is not supported (did you mean `ties`? supported: ties, "
+               "task_arithmetic, breadcrumbs, breadcrumbs_ties, dare_ties, dare_linear, linear)"),
     "missing_model": (lambda c: c["merges"]["sweep"]["recipe"].update(base_model="basse"),
                       "merges.sweep.recipe names model `basse`, which is not in models: (known: base, instruct)"),
     "missing_folder": (lambda c: c["models"].update(base={"path": "/no/such/model"}),

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from remerge.cli import main
-from remerge.merge.tensor_ops import task_arithmetic
-from remerge.merge.methods import METHODS
+from remerge.merge.methods.task_arithmetic import Steps, reference
+from remerge.merge.releases import get_release
 from tinymodels import finetune, random_tensors, write_model
 
 RECIPE = """\
@@ -99,7 +99,8 @@ def test_merge_equals_the_arithmetic_tensor_by_tensor(models):
     name = "model.layers.1.mlp.up_proj.weight"  # layer 1 of 3: t = 0.5 -> b's density 0.55
     shared = {"int8_mask": True, "normalize": True, "rescale": False, "lambda": 1.0}
     params = [{"weight": 0.7, "density": 0.5}, {"weight": 0.3, "density": 0.2 * 0.5 + 0.9 * 0.5}]
-    expected = task_arithmetic(METHODS["ties"], base[name], [a[name], b[name]], params, shared, "0.1.5", [0, 0])
+    expected = reference(Steps("magnitude", True), base[name], [a[name], b[name]], params, shared,
+                         get_release("0.1.5"), [0, 0])
     assert torch.equal(merged[name], expected)
 
 

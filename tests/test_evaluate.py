@@ -1,4 +1,5 @@
-"""remerge.evaluation.run and `remerge evaluate`: a real lm-eval run of a tiny random Llama.
+"""remerge.evaluation (settings, preflight, run) and `remerge evaluate`: a real lm-eval run of
+a tiny random Llama.
 
 Runs that load a model go through the command line in a subprocess whose environment turns
 the hub off from the first import (huggingface_hub and datasets read HF_HUB_OFFLINE when they
@@ -19,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from remerge.evaluation import run as evaluate, scores
 from remerge.errors import EvaluationError
-from remerge.evaluation.run import EvalSettings
+from remerge.evaluation import preflight, run, scores
+from remerge.evaluation.settings import PRESETS, EvalSettings, discover_tasks, needs_gpu
+from remerge.hub.manifest import local_manifest, write_manifest
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUESTIONS = 10
@@ -279,7 +281,7 @@ def test_an_unknown_task_fails_naming_it_before_the_model_loads(
     with pytest.raises(
         EvaluationError, match=r"unknown task 'tiny_add_c'.*did you mean .*tiny_add_a"
     ):
-        evaluate.evaluate_model(tiny_model, settings, out)
+        run.evaluate_model(tiny_model, settings, out)
     assert not out.exists()
 
 
@@ -296,14 +298,14 @@ def test_preflight_catches_missing_punkt_tab_with_its_fetch_command(
     monkeypatch.setenv("NLTK_DATA", str(empty))
     monkeypatch.setattr(nltk.data, "path", [str(empty)])  # nltk read NLTK_DATA at import
     settings = EvalSettings.create(tasks="leaderboard_ifeval", include_path=[task_dir])
-    problems = [p for p in evaluate.find_problems(settings) if "punkt_tab" in p]
+    problems = [p for p in preflight.find_problems(settings) if "punkt_tab" in p]
     assert len(problems) == 1
     assert f"python -m nltk.downloader -d {empty} punkt_tab" in problems[0]
     with pytest.raises(EvaluationError, match="punkt_tab"):
-        evaluate.preflight(settings)
+        preflight.preflight(settings)
 
     (empty / "tokenizers" / "punkt_tab" / "english").mkdir(parents=True)
-    assert not [p for p in evaluate.find_problems(settings) if "punkt_tab" in p]
+    assert not [p for p in preflight.find_problems(settings) if "punkt_tab" in p]
 
 
 # ------------------------------------------------------------------------- settings, presets
@@ -339,8 +341,8 @@ def test_demo_preset_lists_the_task_yamls_of_its_folder(
     write_task(tmp_path, "skill_a", "/data/a.jsonl")
     (tmp_path / "suite.yaml").write_text("group: suite\ntask: [skill_a, skill_b]\n")
     (tmp_path / "_template_yaml.yaml").write_text("doc_to_text: !function utils.doc_to_text\n")
-    demo = dataclasses.replace(evaluate.PRESETS["demo"], include_path=(str(tmp_path),))
-    monkeypatch.setitem(evaluate.PRESETS, "demo", demo)
+    demo = dataclasses.replace(PRESETS["demo"], include_path=(str(tmp_path),))
+    monkeypatch.setitem(PRESETS, "demo", demo)
     settings = EvalSettings.create(preset="demo")
     assert settings.tasks == ("skill_a", "skill_b")
     assert settings.include_path == (str(tmp_path),)
@@ -348,12 +350,12 @@ def test_demo_preset_lists_the_task_yamls_of_its_folder(
 
 def test_a_folder_without_task_yamls_is_an_error(tmp_path: Path):
     with pytest.raises(EvaluationError, match=f"no lm-eval task YAML in {tmp_path}"):
-        evaluate.discover_tasks(tmp_path)
+        discover_tasks(tmp_path)
 
 
 def test_settings_from_a_config_mapping():
     settings = EvalSettings.from_mapping({"preset": "leaderboard", "limit": 10, "device": "cuda:0"})
-    assert settings.limit == 10 and evaluate.needs_gpu(settings)
+    assert settings.limit == 10 and needs_gpu(settings)
     with pytest.raises(EvaluationError, match=r"unknown evaluation setting\(s\) \['batchsize'\]"):
         EvalSettings.from_mapping({"tasks": ["x"], "batchsize": 4})
 
@@ -374,22 +376,62 @@ def test_bad_settings_are_named(field: str, value: Any, message: str):
 
 
 def test_needs_gpu_follows_the_device():
-    assert not evaluate.needs_gpu(EvalSettings.create(tasks="x"))
-    assert evaluate.needs_gpu(EvalSettings.create(tasks="x", device="cuda"))
-    assert not evaluate.needs_gpu(EvalSettings.create(tasks="x", device="mps"))
+    assert not needs_gpu(EvalSettings.create(tasks="x"))
+    assert needs_gpu(EvalSettings.create(tasks="x", device="cuda"))
+    assert not needs_gpu(EvalSettings.create(tasks="x", device="mps"))
 
 
 def test_chat_template_auto_follows_the_model_folder(tmp_path: Path):
     auto = EvalSettings.create(tasks="x", apply_chat_template="auto")
     forced = EvalSettings.create(tasks="x", apply_chat_template=True)
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert evaluate.resolve_chat_template(tmp_path, auto) is False
+    assert preflight.resolve_chat_template(tmp_path, auto) is False
     with pytest.raises(EvaluationError, match=f"{tmp_path} has no chat template"):
-        evaluate.resolve_chat_template(tmp_path, forced)
+        preflight.resolve_chat_template(tmp_path, forced)
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
-    assert evaluate.resolve_chat_template(tmp_path, auto) is True
+    assert preflight.resolve_chat_template(tmp_path, auto) is True
 
 
 def test_a_folder_without_config_json_is_named(tmp_path: Path):
     with pytest.raises(EvaluationError, match=f"model folder {tmp_path} has no config.json"):
-        evaluate.check_model_dir(tmp_path)
+        preflight.check_model_dir(tmp_path)
+
+
+# ------------------------------------------------------------------------- the workflow job
+
+
+def test_evaluate_and_score_reads_the_manifest_clears_stale_files_and_writes_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    manifest = tmp_path / "manifest.json"
+    write_manifest(local_manifest(folder), manifest)
+    results_path, scores_path = tmp_path / "eval" / "results.json", tmp_path / "scores.json"
+    results_path.parent.mkdir()
+    stale = [results_path.with_name(".results.json.tmp-1"), tmp_path / ".scores.json.tmp-2"]
+    for path in stale:
+        path.write_text("half-written")
+    stale.append(results_path.with_name(".samples.tmp-3"))  # a half-written samples folder
+    stale[-1].mkdir()
+    calls = []
+
+    def fake_evaluate_model(*args: Any) -> dict[str, Any]:
+        calls.append(args)
+        return {"results": {"tiny_add_a": {"acc,none": 0.5, "acc_stderr,none": "N/A"}}}
+
+    monkeypatch.setattr(run, "evaluate_model", fake_evaluate_model)
+    run.evaluate_and_score(
+        model_dir=None,
+        manifest=str(manifest),
+        settings={"tasks": ["tiny_add_a"], "limit": 2},
+        samples_dir=None,
+        results_path=str(results_path),
+        scores_path=str(scores_path),
+    )
+    settings = EvalSettings.create(tasks=["tiny_add_a"], limit=2)
+    assert calls == [(folder.as_posix(), settings, str(results_path), None)]
+    assert not any(path.exists() for path in stale)
+    document = json.loads(scores_path.read_text())
+    assert document["tasks"] == {"tiny_add_a": {"acc": 0.5}} and document["card"] is None

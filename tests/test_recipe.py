@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from remerge.errors import RecipeError
-from remerge.merge.recipe import evaluate_setting, parse_recipe, resolve, tensor_parameters
+from remerge.merge.parameters import evaluate_setting, resolve, tensor_parameters
+from remerge.merge.recipe import parse_recipe
 
 SEED = """\
 models:
@@ -76,7 +77,7 @@ def test_lambda_ignored_by_0051_but_used_by_015(caplog):
     assert tensor_parameters(r_new, "x", 0.0, ["a"])[0]["lambda"] == 0.8
     with caplog.at_level(logging.WARNING):
         r_old = recipe("parameters: {lambda: 0.8}\n", version="0.0.5.1")
-    assert "lambda" not in tensor_parameters(r_old, "x", 0.0, ["a"])[0]
+    assert tensor_parameters(r_old, "x", 0.0, ["a"])[0]["lambda"] == 1.0  # the default: ignored
     assert "ignored" in caplog.text
 
 

@@ -9,12 +9,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from remerge.provenance.audit import (
-    BIT_IDENTICAL, CONFIGS_DIFFER, audit_model, find_recipe, published_folder, write_reports,
-)
 from remerge.errors import AuditError
-from remerge.hub.references import default_models_dir, resolve_reference
-from remerge.merge.recipe import VERSIONS
+from remerge.hub.references import default_models_dir
+from remerge.merge.releases import VERSIONS
+from remerge.provenance.audit import BIT_IDENTICAL, CONFIGS_DIFFER, run_audit
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +45,7 @@ def parse_map(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    published = published_folder(args.published, args.models_dir)
-    text, source = find_recipe(published, args.recipe)
-    report = audit_model(
-        published, text, source, parse_map(args.path_map),
-        resolve=lambda ref: resolve_reference(ref, args.models_dir),
-        version=args.mergekit_version, transplant_from=args.transplant_from,
-        published_reference=args.published,
-    )
-    write_reports(report, args.out_dir)
-    log.info("verdict: %s (see %s)", report["verdict"], args.out_dir / "audit.md")
+    report = run_audit(args.published, args.recipe, parse_map(args.path_map), args.transplant_from,
+                       args.mergekit_version, args.models_dir, args.out_dir)
     print(f"{args.published}: {report['verdict']}")
     return 0 if report["verdict"] in (BIT_IDENTICAL, CONFIGS_DIFFER) else 1

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from remerge.errors import EvaluationError
-from remerge.evaluation.run import DTYPES, PRESETS, EvalSettings
+from remerge.evaluation.settings import DTYPES, PRESETS, EvalSettings
 
 
 def _batch_size(text: str) -> int | str:
@@ -78,16 +78,18 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remerge.evaluation import run as evaluate
+    from remerge.evaluation.preflight import check_model_dir, preflight, resolve_chat_template
+    from remerge.evaluation.run import evaluate_model
+
     settings = settings_from_args(args)
     if args.check:
-        evaluate.check_model_dir(args.model_dir)
-        evaluate.resolve_chat_template(args.model_dir, settings)
-        evaluate.preflight(settings)
+        check_model_dir(args.model_dir)
+        resolve_chat_template(args.model_dir, settings)
+        preflight(settings)
         print(f"ok: {args.model_dir} can be evaluated on {', '.join(settings.tasks)}")
         return 0
     if args.out is None:
         raise EvaluationError("--out RESULTS.json is required (unless --check)")
-    evaluate.evaluate_model(args.model_dir, settings, args.out, args.samples_dir)
+    evaluate_model(args.model_dir, settings, args.out, args.samples_dir)
     print(f"wrote {args.out}")
     return 0

@@ -6,10 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from remerge.merge.engine import merge_model
-from remerge.merge.plan import DEFAULT_SHARD_SIZE, parse_size
 from remerge.hub.references import resolve_references
-from remerge.merge.recipe import VERSIONS, load_recipe
+from remerge.merge.plan import DEFAULT_SHARD_SIZE, parse_size
+from remerge.merge.recipe import load_recipe
+from remerge.merge.releases import DEFAULT_VERSION, VERSIONS
+from remerge.stages import merge_model
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="mergekit YAML recipe")
     p.add_argument("out_dir", type=Path, help="output model folder")
     p.add_argument("--mergekit-version", choices=VERSIONS, default=None,
-                   help="whose semantics to follow (default: 0.1.5, or 0.0.5.1 for a recipe "
-                   "that lists a model twice)")
+                   help=f"whose semantics to follow (default: {DEFAULT_VERSION}, or the newest "
+                   "release that accepted it for a recipe that lists a model twice)")
     p.add_argument("--out-shard-size", default=str(DEFAULT_SHARD_SIZE),
                    help="maximum bytes per output shard, e.g. 5B, 500M, 20K (default 5B)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE methods")
+    p.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the random methods (DARE); each tensor's draws depend only on "
+                   "the seed, the tensor's name and the recipe")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="where hub models are downloaded (default: ~/.cache/remerge/models)")
 

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from remerge.errors import ModelError
@@ -207,3 +207,8 @@ def _files_problem(files: object) -> str | None:
 
 def _path(entry: dict) -> str:
     return entry["path"]
+
+
+def model_folders(manifests: Mapping[str, str]) -> dict[str, Path]:
+    """{model reference: folder} from {model reference: manifest path}."""
+    return {ref: Path(read_manifest(path)["path"]) for ref, path in manifests.items()}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -38,6 +41,15 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         else:
             tmp.unlink(missing_ok=True)
     return stale
+
+
+def clear_stale(*outputs: str | Path | None) -> None:
+    """Remove the temporaries a killed earlier attempt of a job left next to its outputs
+    (a half-written shard can be gigabytes; nothing would ever remove it otherwise)."""
+    for output in outputs:
+        if output is not None:
+            for tmp in remove_stale_temporaries(output):
+                log.info("removed %s, left by an interrupted earlier run", tmp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

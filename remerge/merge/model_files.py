@@ -19,27 +19,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Mapping
 
-import yaml
-
 from remerge.errors import ModelError
-from remerge.merge.methods import LEGACY
-from remerge.merge.recipe import Recipe
-from remerge.io.layout import INDEX_NAME
 from remerge.io.files import write_bytes_atomic
+from remerge.io.layout import INDEX_NAME
+from remerge.merge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 # The background import of transformers started by start_transformers_import (or None).
 _importing: threading.Thread | None = None
-
-# Copied byte for byte from the donor when it has tokenizer_config.json and tokenizer.json
-# (or tokenizer.model), as mergekit's tokenizer copy does; 0.1.5 copies more files.
-TOKENIZER_FILES = {
-    LEGACY: ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model"),
-    "0.1.5": ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-              "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
-              "chat_template.json", "video_preprocessor_config.json"),
-}
 
 
 def donor(recipe: Recipe) -> str:
@@ -59,16 +47,17 @@ def _read_config(recipe: Recipe, folder: Path) -> dict:
 
 def config_text(recipe: Recipe, folder: Path) -> str:
     """config.json of the merge: the donor's config with `torch_dtype = out_dtype or dtype`,
-    serialized as the followed mergekit's transformers writes it.
+    serialized as the followed release's transformers writes it (`Release.config_json`).
 
-    0.1.5 runs on transformers 5 (as remerge does): the config is loaded and saved by
-    transformers itself, so the bytes match. 0.0.5.1 ran on transformers 4: the donor's keys,
-    `_name_or_path` set to its reference, sorted, two-space indent (`transformers_version`
-    stays the donor's: the one key that depends on the author's installation).
+    "transformers": the release runs on transformers 5 (as remerge does): the config is loaded
+    and saved by transformers itself, so the bytes match. "donor_keys_sorted": releases of the
+    transformers 4 era: the donor's keys, `_name_or_path` set to its reference, sorted,
+    two-space indent (`transformers_version` stays the donor's: the one key that depends on
+    the author's installation).
     """
     dtype = recipe.out_dtype or recipe.dtype
     config = _read_config(recipe, folder)
-    if recipe.version != LEGACY:
+    if recipe.release.config_json == "transformers":
         transformers = _transformers()  # outside the try: a broken install is not a bad config
         try:
             return _transformers_config_text(transformers, folder, dtype)
@@ -83,10 +72,12 @@ def config_text(recipe: Recipe, folder: Path) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def start_transformers_import() -> None:
-    """Import transformers (seconds) in a background thread, so that writing config.json
-    after the merge need not wait for it."""
+def start_transformers_import(recipe: Recipe) -> None:
+    """Import transformers (seconds) in a background thread when config.json will need it,
+    so that writing config.json after the merge need not wait for it."""
     global _importing
+    if recipe.release.config_json != "transformers":
+        return
     if _importing is None and "transformers" not in sys.modules:
         _importing = threading.Thread(target=importlib.import_module, args=("transformers",),
                                       name="import-transformers", daemon=True)
@@ -116,14 +107,15 @@ def merged_config(recipe: Recipe, folder: Path) -> dict:
 
 
 def tokenizer_files(recipe: Recipe, src: Path) -> list[str]:
-    """The donor's files that mergekit's tokenizer copy takes."""
+    """The donor's files that mergekit's tokenizer copy takes (when the donor has
+    tokenizer_config.json and tokenizer.json or tokenizer.model), byte for byte."""
     if not (src / "tokenizer_config.json").is_file() or not (
         (src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()
     ):
         log.warning("model %s has no tokenizer_config.json with tokenizer.json/.model: no "
                     "tokenizer copied (mergekit would re-serialize one with transformers)", donor(recipe))
         return []
-    return [n for n in TOKENIZER_FILES[recipe.version] if (src / n).is_file()]
+    return [n for n in recipe.release.tokenizer_files if (src / n).is_file()]
 
 
 def copy_tokenizer(recipe: Recipe, src: Path, out_dir: Path) -> list[str]:
@@ -156,36 +148,3 @@ def transplant(donor_dir: Path, out_dir: Path) -> list[str]:
     for name in names:
         write_bytes_atomic(Path(out_dir) / name, (Path(donor_dir) / name).read_bytes())
     return names
-
-
-def is_hub_id(ref: str) -> bool:
-    """mergekit's test for a hub id: not starting with / or ~, at most one /."""
-    return not ref.startswith(("/", "~")) and ref.count("/") == 1 and not Path(ref).exists()
-
-
-def _link(ref: str) -> str:
-    return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
-
-
-def mergekit_card(recipe: Recipe, name: str) -> str:
-    """README.md as mergekit writes it: front matter, method (linked to its paper), models
-    merged (recipe order; mergekit's own order comes from a Python set), the recipe verbatim."""
-    from remerge.merge.methods import card_method
-
-    hub_ids = [ref.split("@")[0] for ref in recipe.inputs if is_hub_id(ref)]  # no revision
-    front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",
-                            "tags": ["mergekit", "merge"]})
-    base = f" using {_link(recipe.base_model)} as a base" if recipe.base_model else ""
-    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != recipe.base_model)
-    return (
-        f"---\n{front}\n---\n# {name}\n\n"
-        "This is a merge of pre-trained language models created using "
-        "[mergekit](https://github.com/cg123/mergekit).\n\n"
-        "## Merge Details\n### Merge Method\n\n"
-        f"This model was merged using the {card_method(recipe.method, recipe.version)} merge "
-        f"method{base}.\n\n"
-        "### Models Merged\n\nThe following models were included in the merge:\n"
-        f"{merged}\n### Configuration\n\n"
-        "The following YAML configuration was used to produce this model:\n\n"
-        f"```yaml\n{recipe.text}\n```\n"
-    )

@@ -5,10 +5,10 @@ the `models:` form with one merge method over whole models; anything else (slice
 tokenizer merging, LoRA references, methods we do not implement) is refused with a message,
 never approximated.
 
-Two mergekit versions give different bytes for some recipes (see
-`docs/ARCHITECTURE.md` and the reference notes). `Recipe.version` says whose semantics to
-follow: recipes that mergekit 0.1.5 accepts follow 0.1.5 unless told otherwise; a recipe that
-lists a model twice follows 0.0.5.1, which counted it once (0.1.5 refuses it).
+mergekit releases give different bytes for some recipes. `Recipe.release` says whose
+semantics to follow (`remerge.merge.releases`): the default release unless told otherwise; a
+recipe that lists a model twice follows the newest release that counted it once (the default
+one refuses it).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from remerge.errors import RecipeError
-from remerge.merge.methods import METHODS, MethodSpec
+from remerge.merge.methods import MethodSpec, get_method
+from remerge.merge.releases import Release, counting_duplicates_once, get_release
 
 log = logging.getLogger(__name__)
 
-VERSIONS = ("0.0.5.1", "0.1.5")
-LATEST = "0.1.5"
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                  "float": "float32"}
@@ -64,7 +63,11 @@ class Recipe:
     parameters: Mapping[str, Setting]
     dtype: str | None
     out_dtype: str | None
-    version: str  # mergekit semantics to follow: one of VERSIONS
+    release: Release  # the mergekit release whose semantics to follow
+
+    @property
+    def version(self) -> str:
+        return self.release.version
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -95,7 +98,7 @@ class Recipe:
             entry["model"] = rename(entry["model"])
         if data.get("base_model") is not None:
             data["base_model"] = rename(data["base_model"])
-        return parse_recipe(dump_recipe(data), version=self.version)
+        return parse_recipe(dump_recipe(data), version=self.release.version)
 
 
 def dump_recipe(data: Mapping[str, Any]) -> str:
@@ -124,7 +127,7 @@ def parse_recipe(text: str, version: str | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with `models`, `merge_method`, ...")
     _check_keys(data)
-    method = _method(data.get("merge_method"))
+    method = get_method(data.get("merge_method"))
     entries = tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
     base = _reference(data.get("base_model"), "base_model") if data.get("base_model") else None
     if method.needs_base and base is None:
@@ -137,9 +140,9 @@ def parse_recipe(text: str, version: str | None = None) -> Recipe:
         parameters=_parameters(data.get("parameters"), "parameters"),
         dtype=_dtype(data.get("dtype"), "dtype"),
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
-        version=LATEST,
+        release=get_release(),
     )
-    recipe = _with_version(recipe, version)
+    recipe = _with_release(recipe, version)
     _check_parameter_names(recipe)
     if not recipe.mergers:
         raise RecipeError("the recipe merges nothing: list at least one model besides the base")
@@ -155,13 +158,6 @@ def _check_keys(data: Mapping[str, Any]) -> None:
             raise RecipeError(f"unknown key `{key}` (allowed: {allowed})")
     if "models" not in data:
         raise RecipeError("missing `models:` (the list of models to merge)")
-
-
-def _method(name: Any) -> MethodSpec:
-    if name not in METHODS:
-        allowed = ", ".join(METHODS)
-        raise RecipeError(f"merge_method `{name}` is not supported (supported: {allowed})")
-    return METHODS[name]
 
 
 def _models_list(data: Mapping[str, Any]) -> list[Any]:
@@ -235,124 +231,46 @@ def _dtype(value: Any, key: str) -> str | None:
     return name
 
 
-def _with_version(recipe: Recipe, version: str | None) -> Recipe:
+def _with_release(recipe: Recipe, version: str | None) -> Recipe:
+    """The recipe with the release to follow: `version`, else the default one; a recipe that
+    lists a model twice follows the newest release that counted it once, unless told
+    otherwise."""
     from dataclasses import replace
 
-    if version is not None and version not in VERSIONS:
-        raise RecipeError(f"mergekit version `{version}` is not supported (allowed: {', '.join(VERSIONS)})")
+    release = get_release(version)
     if recipe.duplicates:
         names = ", ".join(recipe.duplicates)
-        if version == "0.1.5":
+        lenient = counting_duplicates_once()
+        if release.duplicate_inputs == "refuse" and version is not None:
             raise RecipeError(
-                f"model(s) listed twice: {names}. mergekit 0.1.5 refuses such a recipe "
-                "('Duplicate merge inputs'); follow mergekit 0.0.5.1 instead, which counted "
-                "the model once (--mergekit-version 0.0.5.1)"
+                f"model(s) listed twice: {names}. mergekit {release.version} refuses such a "
+                f"recipe ('Duplicate merge inputs'); follow mergekit {lenient.version} instead, "
+                f"which counted the model once (--mergekit-version {lenient.version})"
             )
-        log.warning(
-            "model(s) listed twice: %s. Following mergekit <= 0.1.4 (0.0.5.1): counted once, "
-            "with the first entry's parameters. Newer mergekit (0.1.5) refuses this recipe.",
-            names,
-        )
-        version = "0.0.5.1"
-    return replace(recipe, version=version or LATEST)
+        if release.duplicate_inputs == "refuse":
+            log.warning("model(s) listed twice: %s. Following mergekit %s: counted once, with the "
+                        "first entry's parameters. mergekit %s refuses this recipe.",
+                        names, lenient.version, release.version)
+            release = lenient
+        else:
+            log.warning("model(s) listed twice: %s. mergekit %s counted it once, with the first "
+                        "entry's parameters; so does remerge.", names, release.version)
+    return replace(recipe, release=release)
 
 
 def _check_parameter_names(recipe: Recipe) -> None:
-    allowed = recipe.method.parameter_names(recipe.version)
+    method, release = recipe.method, recipe.release
     places: list[tuple[str, Mapping[str, Setting]]] = [("parameters", recipe.parameters)]
     places += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)]
     for where, params in places:
         for name in params:
-            if name in recipe.method.ignored_parameters(recipe.version):
+            if name not in method.parameter_names:
+                raise RecipeError(
+                    f"{where}: unknown parameter `{name}` for {method.name} "
+                    f"(allowed: {', '.join(sorted(method.parameter_names))})"
+                )
+            if not method.parameter(name).read_by(release):
                 log.warning(
                     "%s.%s is ignored by %s in mergekit %s (following it for exact bytes)",
-                    where, name, recipe.method.name, recipe.version,
+                    where, name, method.name, release.version,
                 )
-            elif name not in allowed:
-                raise RecipeError(
-                    f"{where}: unknown parameter `{name}` for {recipe.method.name} "
-                    f"(allowed: {', '.join(sorted(allowed))})"
-                )
-
-
-# --- per-tensor resolution ------------------------------------------------------------------
-
-
-def evaluate_setting(setting: Setting, tensor: str, t: float) -> Any:
-    """The value of one setting for one tensor at layer position `t` in [0, 1], or None.
-
-    Filters: the first entry whose filter is absent, "*" or a substring of the tensor name.
-    Gradients: linear interpolation between neighbouring values, as mergekit computes it
-    (Python floats: `(1 - frac) * v[i0] + frac * v[i1]`); booleans pick the nearest-below value.
-    """
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float)):
-        return setting
-    if all(isinstance(v, dict) for v in setting):
-        for cond in setting:
-            flt = cond.get("filter")
-            if flt is None or flt == "*" or flt in tensor:
-                return evaluate_setting(cond["value"], tensor, t)
-        return None
-    if any(isinstance(v, bool) for v in setting):
-        return setting[int(t * (len(setting) - 1))]
-    scaled = t * (len(setting) - 1)
-    i0 = int(scaled)
-    i1 = min(len(setting) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * setting[i0] + frac * setting[i1]
-
-
-def resolve(recipe: Recipe, name: str, tensor: str, t: float, model: str | None = None) -> Any:
-    """A parameter's value for a tensor: the model's own entries, then global, then default.
-
-    For a model listed more than once, the first of its entries that sets the parameter wins
-    (mergekit <= 0.1.4).
-    """
-    sources: list[Mapping[str, Setting]] = []
-    if model is not None:
-        sources += [e.parameters for e in recipe.entries if e.model == model]
-    sources.append(recipe.parameters)
-    for params in sources:
-        if name in params:
-            value = evaluate_setting(params[name], tensor, t)
-            if value is not None:
-                return value
-    return recipe.method.default(name)
-
-
-def check_value(name: str, value: Any, tensor: str, model: str | None) -> Any:
-    """Validate a resolved value (density in (0, 1], weight a number, flags booleans)."""
-    where = f"`{name}` for tensor {tensor}" + (f" of model {model}" if model else "")
-    if value is None:
-        raise RecipeError(f"missing {where}: set it in the model's `parameters` or globally")
-    if name in ("normalize", "int8_mask", "rescale"):
-        return bool(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{where} must be a number, not {value!r}")
-    value = float(value)
-    if name == "density" and not 0 < value <= 1:
-        raise RecipeError(f"{where} is {value:g}; density must be in (0, 1]")
-    if name == "gamma" and not 0 <= value < 1:
-        raise RecipeError(f"{where} is {value:g}; gamma must be in [0, 1)")
-    return value
-
-
-def tensor_parameters(
-    recipe: Recipe, tensor: str, t: float, models: Sequence[str]
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Shared and per-model parameters of one tensor, resolved and validated."""
-    method = recipe.method
-    shared = {
-        p: check_value(p, resolve(recipe, p, tensor, t), tensor, None)
-        for p in method.shared_parameters(recipe.version)
-    }
-    per_model = {
-        m: {
-            p: check_value(p, resolve(recipe, p, tensor, t, m), tensor, m)
-            for p in method.model_parameters
-        }
-        for m in models
-    }
-    return shared, per_model

@@ -1,29 +1,25 @@
-"""Model cards (README.md) and provenance.json for merged models.
+"""Model cards (README.md): mergekit's, and remerge's, which extends it.
 
-The card keeps mergekit's sections (merge method linked to its paper, models merged, the
-recipe) and the seed's extensions (the config transplant, the results table), and adds what
-no published merge card has: a provenance section with every input's repository, resolved
-commit and file hashes, the software versions, and a digest of the merged tensors.
-`provenance.json` holds the same facts, machine-readable, plus every tensor's sha256.
+`mergekit_card` is README.md as the followed mergekit release writes it (what `remerge merge`
+writes). `card_text` is the workflow's card: the same body (merge method linked to its paper,
+models merged, the recipe), a model-index for the scores, and the sections that explain the
+model: the config transplant, the results table, and a provenance section with every input's
+repository, resolved commit and file hashes, the software versions and a digest of the merged
+tensors (`provenance.json`, from `remerge.provenance.record`, holds the same facts).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import yaml
 
-from remerge import __version__
-from remerge.merge.methods import LEGACY
-from remerge.merge.recipe import Recipe
 from remerge.evaluation.scores import BENCHMARK_BY_NAME, CARD_ROWS, card_label, card_markdown, format_percent
+from remerge.merge.recipe import Recipe
+from remerge.merge.releases import counting_duplicates_once, get_release
 
-MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
-SOFTWARE = ("torch", "safetensors", "transformers", "huggingface_hub", "lm_eval", "snakemake")
 
 # How the Open LLM Leaderboard's bot describes each benchmark in a card's model-index.
 LEADERBOARD_DATASETS = {
@@ -36,70 +32,57 @@ LEADERBOARD_DATASETS = {
 }
 
 
-def software_versions() -> dict[str, str]:
-    versions = {"remerge": __version__, "python": platform.python_version()}
-    for name in SOFTWARE:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+# --- mergekit's card -------------------------------------------------------------------------
 
 
-def input_record(reference: str, name: str | None, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """One input model's provenance: where it came from and its files' sha256."""
-    return {
-        "reference": reference,
-        "name": name,
-        "source": manifest["source"],
-        "repo_id": manifest.get("repo_id"),
-        "requested_revision": manifest.get("requested_revision"),
-        "commit": manifest.get("commit"),
-        "files": manifest["files"],
-    }
+def is_hub_id(ref: str) -> bool:
+    """mergekit's test for a hub id: not starting with / or ~, at most one /."""
+    return not ref.startswith(("/", "~")) and ref.count("/") == 1 and not Path(ref).exists()
 
 
-def provenance(
-    *, name: str, recipe: Recipe, inputs: Sequence[Mapping[str, Any]], tensors: Mapping[str, Any],
-    configs: Mapping[str, Any], scores: Mapping[str, Any] | None, grid_point: Mapping[str, str],
-) -> dict[str, Any]:
-    """Everything that explains one merged model, with no timestamps (reruns compare equal)."""
-    return {
-        "format": "remerge.provenance/1",
-        "name": name,
-        "grid_point": dict(grid_point),
-        "recipe": recipe.text,
-        "merge_method": recipe.method.name,
-        "mergekit_semantics": recipe.version,
-        "inputs": list(inputs),
-        "output": {
-            "tensors_digest": tensors["digest"],
-            "total_size": tensors["total_size"],
-            "shards": tensors["shards"],
-            "tensors": tensors["tensors"],
-        },
-        "configs": dict(configs),
-        "scores": scores,
-        "software": software_versions(),
-    }
+def _link(ref: str) -> str:
+    return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
 
 
-# --- the card ------------------------------------------------------------------------------
+def merge_details(recipe: Recipe, name: str) -> str:
+    """The body of mergekit's card: title, method (as the release names it), models merged
+    (in recipe order: mergekit's own order comes from a Python set), the recipe verbatim."""
+    method = recipe.method.card_name(recipe.release)
+    base = f" using {_link(recipe.base_model)} as a base" if recipe.base_model else ""
+    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != recipe.base_model)
+    return (
+        f"# {name}\n\n"
+        "This is a merge of pre-trained language models created using "
+        "[mergekit](https://github.com/cg123/mergekit).\n\n"
+        "## Merge Details\n### Merge Method\n\n"
+        f"This model was merged using the {method} merge method{base}.\n\n"
+        "### Models Merged\n\nThe following models were included in the merge:\n"
+        f"{merged}\n### Configuration\n\n"
+        "The following YAML configuration was used to produce this model:\n\n"
+        f"```yaml\n{recipe.text}\n```\n"
+    )
+
+
+def mergekit_card(recipe: Recipe, name: str) -> str:
+    """README.md as mergekit writes it: front matter (hub ids without revision), then the body."""
+    hub_ids = [ref.split("@")[0] for ref in recipe.inputs if is_hub_id(ref)]
+    front = yaml.safe_dump({"base_model": hub_ids, "library_name": "transformers",
+                            "tags": ["mergekit", "merge"]})
+    return f"---\n{front}\n---\n" + merge_details(recipe, name)
+
+
+# --- remerge's card ---------------------------------------------------------------------------
 
 
 def _hub_name(record: Mapping[str, Any]) -> str:
     return record["repo_id"] or record["reference"]
 
 
-def _link(record: Mapping[str, Any]) -> str:
-    if record["repo_id"]:
-        return f"[{record['repo_id']}](https://huggingface.co/{record['repo_id']})"
-    return record["reference"]
-
-
-def eval_results(scores: Mapping[str, Any] | None) -> list[EvalResult]:
+def eval_results(scores: Mapping[str, Any] | None) -> list:
     """model-index entries: the leaderboard's normalized scores in the bot's shape, else every
     task's main metric from our own run."""
+    from huggingface_hub import EvalResult
+
     if not scores:
         return []
     source = {"source_name": "lm-evaluation-harness (run by remerge)", "source_url": LM_EVAL_URL}
@@ -176,11 +159,20 @@ def provenance_section(prov: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def card_text(prov: Mapping[str, Any], recipe: Recipe, license: str | None) -> str:
-    """The whole README.md: front matter (with model-index) and body."""
+def duplicates_note(recipe: Recipe) -> str:
+    if not recipe.duplicates:
+        return ""
+    return (f"Note: {', '.join(recipe.duplicates)} is listed more than once. mergekit "
+            f"{counting_duplicates_once().version} counted it once, with the first entry's "
+            f"parameters; mergekit {get_release().version} refuses such a recipe.\n\n")
+
+
+def card_text(recipe: Recipe, prov: Mapping[str, Any], license: str | None) -> str:
+    """remerge's README.md: a model-index front matter, mergekit's body, then the sections
+    that explain the model (transplant, results, provenance)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     inputs = {rec["reference"]: rec for rec in prov["inputs"]}
-    base = inputs.get(recipe.base_model) if recipe.base_model else None
-    merged = [inputs[ref] for ref in recipe.inputs if ref != recipe.base_model]
     data = ModelCardData(
         library_name="transformers",
         tags=["mergekit", "merge"],
@@ -190,30 +182,22 @@ def card_text(prov: Mapping[str, Any], recipe: Recipe, license: str | None) -> s
         model_name=prov["name"],
         eval_results=eval_results(prov["scores"]) or None,
     )
-    method = recipe.method
-    base_text = f" using {_link(base)} as a base" if base else ""
-    body = [
-        f"# {prov['name']}", "",
-        f"This is a merge of pre-trained language models created using [mergekit]({MERGEKIT_URL})"
-        " (reproduced with remerge).", "",
-        "## Merge Details", "### Merge Method", "",
-        f"This model was merged using the [{method.pretty_name}]({method.paper}) merge method"
-        f"{base_text}.", "",
-        "### Models Merged", "", "The following models were included in the merge:",
-        *[f"* {_link(rec)}" for rec in merged], "",
-        "### Configuration", "", "The following YAML configuration was used to produce this model:",
-        "", "```yaml", recipe.text.rstrip(), "```", "",
-    ]
-    if recipe.duplicates:
-        body += [f"Note: {', '.join(recipe.duplicates)} is listed more than once. mergekit "
-                 f"{LEGACY} counted it once, with the first entry's parameters; mergekit 0.1.5 "
-                 "refuses such a recipe.", ""]
-    text = "\n".join(body) + "\n" + transplant_section(prov["configs"]) + "\n"
-    text += results_section(prov["scores"]) + "\n" + provenance_section(prov)
+    text = (merge_details(recipe, prov["name"]) + "\n" + duplicates_note(recipe)
+            + transplant_section(prov["configs"]) + "\n" + results_section(prov["scores"]) + "\n"
+            + provenance_section(prov))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").content
 
 
-def write_card(path: str | Path, text: str) -> None:
-    from remerge.io.files import write_text_atomic
+def model_license(folder: Path, configured: str | None) -> str | None:
+    """The licence for a merge's card: the config's, else the base's own card's."""
+    if configured:
+        return configured
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
 
-    write_text_atomic(path, text)
+        try:
+            return ModelCard.load(readme).data.to_dict().get("license")
+        except Exception:  # a card without front matter has no licence to take
+            return None
+    return None

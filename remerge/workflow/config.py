@@ -18,8 +18,8 @@ from typing import Any, Mapping
 import yaml
 
 from remerge.errors import RemergeError
-from remerge.io.layout import shard_names as _shard_names
-from remerge.merge.recipe import VERSIONS, dump_recipe, parse_recipe
+from remerge.merge.recipe import dump_recipe, parse_recipe
+from remerge.merge.releases import VERSIONS, get_release
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model entry
@@ -192,7 +192,7 @@ def canonical_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def shard_names(plan: Mapping[str, Any]) -> list[str]:
     """Output shard file names from a plan's JSON (without importing torch)."""
-    return _shard_names(len(plan["shards"]), plan["version"])
+    return get_release(plan["version"]).shard_names(len(plan["shards"]))
 
 
 def point_name(point: Mapping[str, str]) -> str:

@@ -1,16 +1,53 @@
-"""The merge arithmetic on hand-computed cases and properties."""
+"""The merge methods on hand-computed cases and properties; the streamed form of each
+against its step-by-step reference."""
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from remerge.errors import RecipeError
 from remerge.merge.methods import METHODS
-from remerge.merge.tensor_ops import (
-    consensus_mask, linear, magnitude_mask, outlier_mask, random_mask, rescaled, task_arithmetic,
-    tensor_seed, weight_column,
+from remerge.merge.methods.linear import linear
+from remerge.merge.methods.sparsify import (
+    dropped_positions, magnitude_mask, outlier_mask, random_mask, rescaled,
 )
+from remerge.merge.methods.task_arithmetic import Steps, consensus_mask, reference, weight_column
+from remerge.merge.releases import RELEASES
+from remerge.merge.tensor import METHOD, Source, TensorTask, tensor_seed
 
-TIES, TA, DARE = METHODS["ties"], METHODS["task_arithmetic"], METHODS["dare_ties"]
+NEW, OLD = RELEASES["0.1.5"], RELEASES["0.0.5.1"]
+TIES_STEPS, TA_STEPS, DARE_STEPS = Steps("magnitude", True), Steps(None, False), Steps("random", True)
+STEPS = {"ties": TIES_STEPS, "task_arithmetic": TA_STEPS, "breadcrumbs": Steps("magnitude_outliers", False),
+         "breadcrumbs_ties": Steps("magnitude_outliers", True), "dare_ties": DARE_STEPS}
 SHARED = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}
+
+
+def task_arithmetic(steps, base, xs, params, shared, release, seeds):
+    return reference(steps, base, xs, params, shared, release, seeds)
+
+
+class Inputs:
+    """Tensors given directly (the role of TensorInputs, which reads them from model files)."""
+
+    def __init__(self, base, xs):
+        self.base_tensor, self.xs = base, xs
+
+    def base(self):
+        return self.base_tensor.clone()
+
+    def model(self, i):
+        return self.xs[i].clone()
+
+
+def streamed(method_name, base, xs, params, shared, release, seeds, pool=None):
+    """The method's own merge function (what merge_tensor runs) on tensors given directly."""
+    method = METHODS[method_name]
+    src = Source("m", "t", "BF16")
+    task = TensorTask(name="t", shape=tuple(base.shape), method=method, release=release, kernel=METHOD,
+                      base=src, models=(src,) * len(xs), params=tuple(params), shared=shared,
+                      seeds=tuple(seeds), compute_dtype=str(base.dtype).removeprefix("torch."), dtype="BF16")
+    return method.merge(task, Inputs(base, xs), pool)
 
 
 def params(*weights, density=1.0):
@@ -22,7 +59,7 @@ def test_ties_sign_election_and_disjoint_mean_by_hand():
     x1 = torch.tensor([1.0, -2.0, 3.0, 0.0])
     x2 = torch.tensor([-1.0, -1.0, 2.0, 5.0])
     # sum of deltas [0, -3, 5, 5] -> majority [+, -, +, +]; x1[3] = 0 and x2[0] < 0 drop out
-    out = task_arithmetic(TIES, base, [x1, x2], params(1, 1), SHARED, "0.1.5", [0, 0])
+    out = task_arithmetic(TIES_STEPS, base, [x1, x2], params(1, 1), SHARED, NEW, [0, 0])
     assert out.tolist() == [1.0, -1.5, 2.5, 5.0]
 
 
@@ -31,7 +68,7 @@ def test_ties_without_normalize_sums_the_agreeing_weighted_deltas():
     x1 = torch.tensor([3.0, 1.0, 0.0])  # deltas [2, 0, -1]
     x2 = torch.tensor([2.0, 3.0, -1.0])  # deltas [1, 2, -2]
     shared = {**SHARED, "normalize": False}
-    out = task_arithmetic(TIES, base, [x1, x2], params(0.5, 2.0), shared, "0.1.5", [0, 0])
+    out = task_arithmetic(TIES_STEPS, base, [x1, x2], params(0.5, 2.0), shared, NEW, [0, 0])
     assert out.tolist() == [1 + 1.0 + 2.0, 1 + 4.0, 1 - 0.5 - 4.0]
 
 
@@ -44,11 +81,11 @@ def test_int8_mask_changes_nothing():
 
 def test_magnitude_keeps_exactly_k_largest():
     d = torch.tensor([0.1, -0.4, 0.3, -0.2])
-    assert magnitude_mask(d, 0.5, "0.1.5").tolist() == [0, 1, 1, 0]
+    assert magnitude_mask(d, 0.5, NEW).tolist() == [0, 1, 1, 0]
     g = torch.Generator().manual_seed(1)
     big = torch.randn(1000, generator=g).bfloat16()  # bf16: many equal magnitudes
     for density in (0.01, 0.37, 0.5, 0.99):
-        mask = magnitude_mask(big, density, "0.1.5")
+        mask = magnitude_mask(big, density, NEW)
         assert int(mask.float().sum()) == int(density * 1000)
         kept = big.abs().float()[mask.bool()]
         dropped = big.abs().float()[~mask.bool()]
@@ -57,19 +94,19 @@ def test_magnitude_keeps_exactly_k_largest():
 
 def test_magnitude_density_that_keeps_nothing():
     d = torch.ones(10)
-    assert magnitude_mask(d, 0.05, "0.1.5").sum() == 1  # 0.1.5 keeps at least one
-    with pytest.raises(ValueError, match="keeps no element"):
-        magnitude_mask(d, 0.05, "0.0.5.1")  # mergekit 0.0.5.1 asserts
+    assert magnitude_mask(d, 0.05, NEW).sum() == 1  # 0.1.5 keeps at least one
+    with pytest.raises(RecipeError, match="keeps no element"):
+        magnitude_mask(d, 0.05, OLD)  # mergekit 0.0.5.1 asserts
 
 
 def test_breadcrumbs_band_by_hand():
     d = torch.arange(1, 11, dtype=torch.float32) / 10  # 0.1 .. 1.0
     # 10 elements, density 0.5 -> 5 kept, gamma 0.1 -> the largest 1 dropped, 4 smallest dropped
-    for version in ("0.1.5", "0.0.5.1"):
+    for version in (NEW, OLD):
         assert outlier_mask(d, 0.5, 0.1, version).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 0]
     # gamma 0 keeps the top 5 in 0.1.5; 0.0.5.1's slice [n_bot:-0] keeps nothing
-    assert outlier_mask(d, 0.5, 0.0, "0.1.5").tolist() == [0] * 5 + [1] * 5
-    assert outlier_mask(d, 0.5, 0.0, "0.0.5.1").sum() == 0
+    assert outlier_mask(d, 0.5, 0.0, NEW).tolist() == [0] * 5 + [1] * 5
+    assert outlier_mask(d, 0.5, 0.0, OLD).sum() == 0
 
 
 def test_weights_round_to_the_compute_dtype():
@@ -79,7 +116,7 @@ def test_weights_round_to_the_compute_dtype():
 
 def test_linear_by_hand_and_per_version():
     a, b = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 8.0])
-    for version in ("0.1.5", "0.0.5.1"):
+    for version in (NEW, OLD):
         assert linear([a, b], [1.0, 3.0], True, version).tolist() == [3.5, 7.0]
         assert linear([a, b], [1.0, 3.0], False, version).tolist() == [14.0, 28.0]
 
@@ -87,23 +124,23 @@ def test_linear_by_hand_and_per_version():
 def test_linear_versions_differ_in_bf16():
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(4000, generator=g).bfloat16() for _ in range(3)]
-    new = linear(xs, [0.3, 0.3, 0.4], True, "0.1.5")
-    old = linear(xs, [0.3, 0.3, 0.4], True, "0.0.5.1")
+    new = linear(xs, [0.3, 0.3, 0.4], True, NEW)
+    old = linear(xs, [0.3, 0.3, 0.4], True, OLD)
     assert new.dtype == old.dtype == torch.bfloat16
     assert not torch.equal(new, old)  # 0.1.5 accumulates in float32, 0.0.5.1 in bf16
 
 
 def test_lambda_scales_the_merged_delta():
     base, x = torch.zeros(2), torch.tensor([2.0, -4.0])
-    out = task_arithmetic(TA, base, [x], params(1.0), {**SHARED, "normalize": False, "lambda": 0.5},
-                          "0.1.5", [0])
+    out = task_arithmetic(TA_STEPS, base, [x], params(1.0), {**SHARED, "normalize": False, "lambda": 0.5},
+                          NEW, [0])
     assert out.tolist() == [1.0, -2.0]
 
 
 def test_rescale_keeps_the_l1_norm():
     d = torch.tensor([1.0, -2.0, 3.0, -4.0])
     mask = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    for version in ("0.1.5", "0.0.5.1"):
+    for version in (NEW, OLD):
         out = rescaled(d, mask, version)
         assert out.abs().sum().item() == pytest.approx(10.0)
         assert out.tolist()[0] == 0.0
@@ -123,7 +160,7 @@ def test_dare_ties_merge_is_deterministic():
     base = torch.randn(64, generator=g).bfloat16()
     xs = [base + 0.1 * torch.randn(64, generator=g).bfloat16() for _ in range(2)]
     shared = {**SHARED, "normalize": False, "rescale": True}
-    run = lambda: task_arithmetic(DARE, base, xs, params(0.5, 0.5, density=0.4), shared, "0.1.5",  # noqa: E731
+    run = lambda: task_arithmetic(DARE_STEPS, base, xs, params(0.5, 0.5, density=0.4), shared, NEW,  # noqa: E731
                                   [tensor_seed(7, "t", i) for i in range(2)])
     assert torch.equal(run(), run())
 
@@ -148,11 +185,6 @@ def tricky(seed: int, n: int, dtype, shape=(40, 30)):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from remerge.merge.tensor_ops import task_arithmetic_streamed
-
-    method = METHODS[method_name]
     for case, (weights, density, normalize, lam, rescale) in enumerate([
         ([1.0] * n, 1.0, True, 1.0, False),
         ([0.3, 0.7, 1.0][:n], 0.5, False, 1.0, False),
@@ -163,22 +195,19 @@ def test_streamed_equals_the_reference_bit_for_bit(method_name, dtype, n):
         params = [{"weight": w, "density": density, "gamma": 0.05} for w in weights]
         shared = {"int8_mask": True, "normalize": normalize, "rescale": rescale, "lambda": lam}
         seeds = [tensor_seed(case, "t", i) for i in range(n)]
-        for version in ("0.1.5", "0.0.5.1"):
-            ref = task_arithmetic(method, base, xs, params, shared, version, seeds)
+        for version in (NEW, OLD):
+            ref = task_arithmetic(STEPS[method_name], base, xs, params, shared, version, seeds)
             with ThreadPoolExecutor(2) as pool:
-                fast = task_arithmetic_streamed(method, base.clone, [lambda x=x: x.clone() for x in xs],
-                                                params, shared, version, seeds, pool)
+                fast = streamed(method_name, base, xs, params, shared, version, seeds, pool)
             assert torch.equal(ref.view(-1).view(torch.uint8), fast.view(-1).view(torch.uint8)), (case, version)
 
 
 def test_plain_difference_falls_back_on_nan():
-    from remerge.merge.tensor_ops import task_arithmetic_streamed
-
     base = torch.zeros(4, dtype=torch.bfloat16)
     x = torch.tensor([1.0, float("nan"), -2.0, 0.0], dtype=torch.bfloat16)
     params, shared = [{"weight": 1.0, "density": 1.0}], {**SHARED, "int8_mask": True}
-    ref = task_arithmetic(TIES, base, [x], params, shared, "0.1.5", [0])
-    fast = task_arithmetic_streamed(TIES, lambda: base, [lambda: x], params, shared, "0.1.5", [0])
+    ref = task_arithmetic(TIES_STEPS, base, [x], params, shared, NEW, [0])
+    fast = streamed("ties", base, [x], params, shared, NEW, [0])
     assert torch.equal(ref.view(torch.int16), fast.view(torch.int16))  # NaN dropped by sign election
 
 
@@ -190,7 +219,6 @@ def test_native_kernel_is_built_here():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_native_kernel_keeps_exactly_what_torchs_sort_keeps(dtype):
     from remerge.merge.kernels import native
-    from remerge.merge.tensor_ops import dropped_positions
 
     g = torch.Generator().manual_seed(7)
     for n in [1, 2, 16, 17, 33, 100, 1000, 4099, 70_001, 1_000_003]:

@@ -1,0 +1,105 @@
+"""The merge methods: a registry of specs, one module per family (as mergekit's `merge_methods/`).
+
+A `MethodSpec` says what a recipe may set (parameters, their scope and defaults), what inputs
+the method needs, whether it draws random numbers, how the model card names it, and which
+function computes one tensor. The same table feeds recipe validation, the model card's
+"Merge Method" section and the docs (`config/README.md`).
+
+Nothing here imports torch: the family modules import it on first use (`remerge.lazy`), so
+the Snakefile and the plan job can validate recipes without paying seconds for torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from remerge.errors import RecipeError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    import torch
+
+    from remerge.merge.releases import Release
+    from remerge.merge.tensor import TensorInputs, TensorTask
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter a recipe may set for a method."""
+
+    name: str
+    scope: str  # "model": per model, else the global value | "global": the global value only
+    default: Any  # None: required
+    kind: str = "number"  # "number" | "flag"
+    valid: Callable[[float], bool] | None = None  # the range a number must lie in
+    allowed: str = ""  # that range in words, for messages and docs
+    release_flag: str | None = None  # a `Release` field that must be true, else it is ignored
+    doc: str = ""
+
+    def read_by(self, release: "Release") -> bool:
+        """Whether `release` reads this parameter (False: it ignores what a recipe sets)."""
+        return self.release_flag is None or bool(getattr(release, self.release_flag))
+
+
+# The result of one output tensor, in the compute dtype: (task, inputs, pool) -> tensor.
+MergeFunction = Callable[["TensorTask", "TensorInputs", "Executor | None"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method as mergekit registers it, and the function that computes a tensor."""
+
+    name: str  # as recipes spell it (`merge_method:`)
+    pretty_name: str  # as the model card names it
+    paper: str | None  # the card links the method's paper
+    family: str  # the module holding its arithmetic
+    parameters: tuple[Parameter, ...]
+    needs_base: bool  # a `base_model` is required and is not merged as a model
+    random: bool  # draws random numbers (results depend on --random-seed)
+    merge: MergeFunction
+    # True when, for this tensor, the whole computation is `base + (x - base)` in the compute
+    # dtype (the torch-free fused kernel may then compute it)
+    is_plain_difference: Callable[["TensorTask"], bool] = lambda task: False
+
+    def parameter(self, name: str) -> Parameter:
+        return next(p for p in self.parameters if p.name == name)
+
+    @property
+    def parameter_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.parameters)
+
+    def scoped(self, scope: str) -> tuple[Parameter, ...]:
+        return tuple(p for p in self.parameters if p.scope == scope)
+
+    def default(self, name: str) -> Any:
+        return self.parameter(name).default
+
+    def card_name(self, release: "Release") -> str:
+        """The method as the followed release's model card writes it."""
+        if self.name in release.card_method_names:
+            return release.card_method_names[self.name]
+        if release.card_method_names:  # a release with its own names writes others bare
+            return self.name
+        return f"[{self.pretty_name}]({self.paper})" if self.paper else self.pretty_name
+
+
+def _registry() -> dict[str, MethodSpec]:
+    from remerge.merge.methods import linear, task_arithmetic
+
+    specs = [*task_arithmetic.SPECS, *linear.SPECS]
+    return {spec.name: spec for spec in specs}
+
+
+METHODS: dict[str, MethodSpec] = _registry()
+
+
+def get_method(name: Any) -> MethodSpec:
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise RecipeError(f"merge_method `{name}` is not supported ({hint}supported: "
+                          f"{', '.join(METHODS)})")
+    return METHODS[name]

@@ -1,0 +1,195 @@
+"""Sparsification: which entries of one task vector survive, as mergekit decides it.
+
+Three kinds, named as mergekit names them: "magnitude" (TIES: the k largest |delta|),
+"magnitude_outliers" (breadcrumbs: a band of the ranking, without the largest and smallest),
+"random" (DARE: each entry kept with probability `density`). Ties at a magnitude cut are
+decided by torch's sort order, so ranking uses the same kernel on the same keys.
+
+Shapes: `delta` is one task vector, `(*shape)`, in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from remerge.errors import RecipeError
+from remerge.lazy import lazy_import
+from remerge.merge.kernels import native
+
+if TYPE_CHECKING:
+    import torch
+
+    from remerge.merge.releases import Release
+else:
+    torch = lazy_import("torch")
+
+# A band of mergekit's ranking of |delta|: (descending?, first kept position, end of the kept)
+Band = tuple[bool, int, int]
+
+
+def sparsifies(kind: str | None, params: Mapping[str, Any]) -> bool:
+    """Whether a task vector with these parameters loses any entry (density >= 1 keeps all)."""
+    return kind is not None and params["density"] < 1
+
+
+# --- the kept band of the ranking ------------------------------------------------------------
+
+
+def magnitude_band(numel: int, density: float, release: "Release") -> Band:
+    """TIES keeps positions [0, k) of the descending ranking, k = int(density * numel)
+    (at least 1 where the release says so)."""
+    k = int(density * numel)
+    if release.topk_at_least_one:
+        k = max(1, k)
+    if k == 0:  # mergekit 0.0.5.1 stops here with an assertion
+        raise RecipeError(f"density {density} keeps no element of a tensor of {numel} elements "
+                          f"(mergekit {release.version} refuses it); raise the density")
+    return True, 0, k
+
+
+def outlier_band(numel: int, density: float, gamma: float, release: "Release") -> Band:
+    """Breadcrumbs keeps a band of the ascending ranking: the `gamma` share of largest entries
+    and the smallest ones go, `density` stays: [n_bot, n_bot + target) ("target"), or
+    [n_bot, numel - n_top) ("slice": the slice `[n_bot:-n_top]`, empty when n_top ends up 0)."""
+    target = int(density * numel)
+    n_top = int(gamma * numel)
+    if release.breadcrumbs_band == "slice":
+        n_bot = numel - target - n_top
+        if n_bot < 0:
+            n_top, n_bot = n_top + n_bot, 0
+        return False, n_bot, (numel - n_top if n_top else n_bot)
+    n_bot = max(0, numel - target - n_top)
+    return False, n_bot, n_bot + target
+
+
+def band_of(kind: str, numel: int, params: Mapping[str, Any], release: "Release") -> Band:
+    if kind == "magnitude":
+        return magnitude_band(numel, params["density"], release)
+    return outlier_band(numel, params["density"], params["gamma"], release)
+
+
+# --- masks (the reference form) -----------------------------------------------------------
+
+
+def rank_positions(delta: "torch.Tensor", descending: bool) -> "torch.Tensor":
+    """Flat positions of `delta` ordered by |delta| as float32, as mergekit ranks them.
+
+    The same sort kernel as mergekit's `torch.argsort(w, descending=True)` / `torch.sort(w)`
+    (torch's default sort is not stable; calling the same kernel on the same float32 keys is
+    what makes ties at the cut fall the same way). Sorted in place: |delta| and int64 indices,
+    12 bytes per element, no further copy.
+    """
+    keys = delta.abs().reshape(-1)  # a new tensor: abs() never aliases
+    if keys.dtype not in (torch.bfloat16, torch.float16):
+        keys = keys.float()
+    # bf16 and fp16 keys are ranked as they are: their float32 values are exact and in the
+    # same order, and the sort decides by comparisons alone, so the permutation is the same
+    # (tested) at half the memory.
+    order = torch.empty(keys.numel(), dtype=torch.int64)
+    torch.sort(keys, descending=descending, out=(keys, order))
+    return order
+
+
+def dropped_positions(delta: "torch.Tensor", band: Band) -> "torch.Tensor":
+    """Flat positions outside the band of mergekit's ranking of |delta| (torch's sort)."""
+    descending, lo, hi = band
+    order = rank_positions(delta, descending)
+    return torch.cat([order[:lo], order[hi:]])
+
+
+def keep_mask(delta: "torch.Tensor", dropped: "torch.Tensor") -> "torch.Tensor":
+    """0/1 mask in delta's dtype, 0 at the dropped positions."""
+    mask = torch.ones(delta.numel(), dtype=delta.dtype)
+    mask[dropped] = 0
+    return mask.reshape(delta.shape)
+
+
+def magnitude_mask(delta: "torch.Tensor", density: float, release: "Release") -> "torch.Tensor":
+    """TIES: keep the k largest |delta| (ties at the cut as mergekit's argsort orders them)."""
+    return keep_mask(delta, dropped_positions(delta, magnitude_band(delta.numel(), density, release)))
+
+
+def outlier_mask(delta: "torch.Tensor", density: float, gamma: float, release: "Release") -> "torch.Tensor":
+    """Breadcrumbs' mask (see `outlier_band`)."""
+    band = outlier_band(delta.numel(), density, gamma, release)
+    return keep_mask(delta, dropped_positions(delta, band))
+
+
+def random_mask(delta: "torch.Tensor", density: float, seed: int) -> "torch.Tensor":
+    """DARE: keep each entry with probability `density`, from a generator seeded per tensor.
+
+    bf16 draws in bf16; other dtypes in float32 (torch has no fp16 bernoulli on the CPU).
+    """
+    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.full(delta.shape, density, dtype=work)
+    return torch.bernoulli(probs, generator=generator)
+
+
+def _ratio_applies(before: "torch.Tensor", after: "torch.Tensor", release: "Release") -> bool:
+    """Whether to rescale, by the release's test of the L1 norms (they differ for NaN)."""
+    low = release.rescale_min_norm
+    if release.rescale == "scale_then_mask":
+        return bool(before >= low and after >= low)
+    return not bool(before < low or after < low)
+
+
+def rescaled(delta: "torch.Tensor", mask: "torch.Tensor", release: "Release") -> "torch.Tensor":
+    """`delta * mask` scaled to keep the L1 norm of `delta` (skipped for tiny norms)."""
+    masked = delta * mask
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if not _ratio_applies(before, after, release):
+        return masked
+    if release.rescale == "scale_then_mask":
+        return (delta * (before / after)) * mask
+    return masked * (before / after)
+
+
+def sparsify(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any], rescale: bool,
+             release: "Release", seed: int) -> "torch.Tensor":
+    """One task vector after sparsification (unchanged when nothing is dropped): the
+    reference form, step by step as mergekit computes it."""
+    if not sparsifies(kind, params):
+        return delta
+    density = params["density"]
+    if kind == "random":
+        mask = random_mask(delta, density, seed)
+        kept = delta.to(mask.dtype)
+        if not rescale:
+            out = kept * mask
+        elif release.dare_rescale == "inverse_density":
+            out = (kept * mask) / density
+        else:
+            out = rescaled(kept, mask, release)
+        return out.to(delta.dtype)
+    if kind == "magnitude":
+        mask = magnitude_mask(delta, density, release)
+    else:
+        mask = outlier_mask(delta, density, params["gamma"], release)
+    return rescaled(delta, mask, release) if rescale else delta * mask
+
+
+# --- in place (the streamed form) -----------------------------------------------------------
+
+
+def sparsify_(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any], rescale: bool,
+              release: "Release", seed: int) -> None:
+    """`sparsify` in place on a contiguous task vector, without building a mask.
+
+    Dropped entries become +0 where `delta * mask` gives -0 for negative entries; every use
+    of a task vector ends in a sum over models, which starts from +0, so the sign of a zero
+    never reaches the result.
+    """
+    if not sparsifies(kind, params):
+        return
+    if kind == "random":
+        delta.copy_(sparsify(kind, delta, params, rescale, release, seed))
+        return
+    band = band_of(kind, delta.numel(), params, release)
+    before = delta.abs().sum() if rescale else None
+    if not native.zero_outside(delta, *band):  # the same entries, ranked by torch's sort
+        delta.view(-1)[dropped_positions(delta, band)] = 0
+    if rescale:
+        after = delta.abs().sum()
+        if _ratio_applies(before, after, release):
+            delta.mul_(before / after)

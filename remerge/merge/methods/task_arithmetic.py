@@ -1,0 +1,213 @@
+"""Generalized task arithmetic: task_arithmetic, TIES, DARE and breadcrumbs (mergekit's
+`generalized_task_arithmetic.py`).
+
+Per output tensor, in the compute dtype `c` (bf16 ops round once per op; `sum(dim=0)`
+accumulates in float32 and rounds once), as mergekit computes it:
+
+    d_i = x_i - base                    task vector of each merged model, recipe order
+    d_i = sparsify(d_i)                 magnitude / random / outlier band (`sparsify.py`)
+    D   = stack(d_i) * w                w = tensor(weights, dtype=c): 0.3 is 0.30078125 in bf16
+    m   = sign(D) == majority sign      TIES only ("sum" election); else m = 1
+    out = base + lambda * (sum(D * m) / sum(w * m) if normalize else sum(D * m))
+
+Shapes: `base` and each input `(*shape)`; stacked task vectors `(n, *shape)`, n = merged models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from remerge.lazy import lazy_import
+from remerge.merge.methods import MethodSpec, Parameter
+from remerge.merge.methods.sparsify import sparsifies, sparsify, sparsify_
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    import torch
+
+    from remerge.merge.releases import Release
+    from remerge.merge.tensor import TensorInputs, TensorTask
+else:
+    torch = lazy_import("torch")
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What distinguishes the methods of the family."""
+
+    sparsification: str | None  # "magnitude" | "random" | "magnitude_outliers" | None
+    consensus: bool  # TIES sign election ("sum")
+
+
+# --- combining task vectors ----------------------------------------------------------------
+
+
+def consensus_mask(deltas: "torch.Tensor", int8: bool) -> "torch.Tensor":
+    """TIES sign election ("sum"): True where an entry's sign matches the weighted majority.
+
+    deltas: (n, *shape), already weighted. Zero entries never match (sign 0 vs +-1).
+    `int8` only changes the mask's memory, not the result.
+    """
+    mask_dtype = torch.int8 if int8 else deltas.dtype
+    sign = deltas.sign().to(mask_dtype)
+    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1  # (*shape)
+    return sign == majority
+
+
+def masked_weight_sum(w: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+    """`(w * mask).sum(dim=0)` before its final rounding, without the (n, *shape) product:
+    float32 accumulation over the models in order, as torch's sum over dim 0 does."""
+    acc = torch.zeros(mask.shape[1:], dtype=torch.float32)
+    for i in range(mask.shape[0]):
+        acc.add_(mask[i], alpha=float(w[i]))
+    return acc
+
+
+def weight_column(weights: Sequence[float], dtype: "torch.dtype", ndim: int) -> "torch.Tensor":
+    """Weights as a (n, 1, ..., 1) tensor of the compute dtype: 0.3 becomes 0.30078125 in bf16."""
+    return torch.tensor(list(weights), dtype=dtype).reshape(-1, *([1] * ndim))
+
+
+def combine(steps: Steps, base: "torch.Tensor", deltas: "torch.Tensor", weights: Sequence[float],
+            shared: Mapping[str, Any]) -> "torch.Tensor":
+    """Weight the (sparsified) task vectors, elect signs, mix, normalize, add to the base.
+
+    deltas: (n, *shape) in base's dtype; modified in place.
+    """
+    w = weight_column(weights, deltas.dtype, base.ndim)  # (n, 1, ..., 1)
+    if not bool((w == 1).all()):  # x * 1 is exact: skip the pass
+        deltas.mul_(w)
+    if steps.consensus:
+        mask = consensus_mask(deltas, shared["int8_mask"])  # (n, *shape) bool
+        divisor = masked_weight_sum(w, mask).to(deltas.dtype)
+        deltas.mul_(mask)  # in place: the same values as `deltas * mask`
+        del mask
+        mixed = deltas.sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if shared["normalize"]:
+        mixed /= divisor
+    if shared["lambda"] != 1:
+        mixed *= shared["lambda"]
+    return (base + mixed).to(base.dtype)
+
+
+# --- one tensor ------------------------------------------------------------------------------
+
+
+def reference(steps: Steps, base: "torch.Tensor", inputs: Sequence["torch.Tensor"],
+              params: Sequence[Mapping[str, Any]], shared: Mapping[str, Any], release: "Release",
+              seeds: Sequence[int]) -> "torch.Tensor":
+    """One tensor, step by step as mergekit computes it (the test oracle of `merge`)."""
+    if not inputs:
+        return base
+    deltas = base.new_empty((len(inputs), *base.shape))  # (n, *shape)
+    for i, (x, p) in enumerate(zip(inputs, params)):
+        deltas[i] = sparsify(steps.sparsification, x - base, p, shared["rescale"], release, seeds[i])
+    return combine(steps, base, deltas, [p["weight"] for p in params], shared)
+
+
+def is_plain_difference(steps: Steps, task: "TensorTask") -> bool:
+    """At most one merged model, weight exactly 1, nothing dropped, no lambda: then the whole
+    computation is `base + (x - base)` in the compute dtype, bit for bit.
+
+    (Sign election keeps every nonzero entry; normalizing divides by the weight 1; the entries
+    it drops are zeros, and a dropped -0 can only arise where base is +0, where adding +0 or
+    -0 gives the same +0. A weight that only rounds to 1 in the compute dtype takes the
+    general path, which gives the same bytes.)
+    """
+    if len(task.params) > 1 or task.shared["lambda"] != 1:
+        return False
+    return all(p["weight"] == 1.0 and not sparsifies(steps.sparsification, p) for p in task.params)
+
+
+SORT_BYTES_PER_ELEMENT = 20  # torch's sort: keys, int64 order and its own buffer (the kernel: 6-8)
+PARALLEL_SORT_BYTES = 256 * 1024**2
+
+
+def merge(steps: Steps, task: "TensorTask", inputs: "TensorInputs",
+          pool: "Executor | None" = None) -> "torch.Tensor":
+    """`reference`, bit for bit, with less work and memory: inputs are read one at a time into
+    the stacked task vectors, sparsified in place (in parallel on `pool` when the sorts fit
+    in memory), the base is read again after the sorts rather than held through them, and a
+    plain difference is two passes."""
+    base = inputs.base()
+    n = len(task.params)
+    if n == 0:
+        return base
+    first = inputs.model(0)  # inputs may be read-only views of the files: never written to
+    if is_plain_difference(steps, task):
+        delta = torch.sub(first, base)
+        # A finite sum means no NaN or inf anywhere; those take the step-by-step path.
+        if bool(torch.isfinite(delta.sum())):  # (an overflowing sum only costs the slow path)
+            return delta.add_(base)  # base + (x - base): addition commutes bit for bit
+    deltas = base.new_empty((n, *base.shape))  # (n, *shape)
+    torch.sub(first, base, out=deltas[0])
+    del first
+    for i in range(1, n):
+        torch.sub(inputs.model(i), base, out=deltas[i])
+    kind, rescale = steps.sparsification, task.shared["rescale"]
+    jobs = [(deltas[i], task.params[i], task.seeds[i]) for i in range(n)]
+    run = lambda job: sparsify_(kind, job[0], job[1], rescale, task.release, job[2])  # noqa: E731
+    # A sort holds 12 bytes per element (float32 keys + int64 order): sort large tensors one
+    # model at a time, so that memory stays near one tensor's working set.
+    numel = base.numel()
+    if kind is not None:
+        del base  # not needed through the sorts: read again below
+    parallel = pool is not None and SORT_BYTES_PER_ELEMENT * numel * n <= PARALLEL_SORT_BYTES
+    list(pool.map(run, jobs) if parallel else map(run, jobs))
+    base = inputs.base() if kind is not None else base
+    return combine(steps, base, deltas, [p["weight"] for p in task.params], task.shared)
+
+
+# --- the methods -------------------------------------------------------------------------------
+
+TIES_PAPER = "https://arxiv.org/abs/2306.01708"
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+
+WEIGHT = Parameter("weight", "model", None, doc="scale of the model's task vector")
+DENSITY = Parameter("density", "model", 1.0, valid=lambda v: 0 < v <= 1, allowed="in (0, 1]",
+                    doc="share of the task vector's entries kept")
+GAMMA = Parameter("gamma", "model", 0.01, valid=lambda v: 0 <= v < 1, allowed="in [0, 1)",
+                  doc="share of the largest entries dropped as outliers")
+INT8_MASK = Parameter("int8_mask", "global", False, kind="flag",
+                      doc="store the sign masks as int8 (memory only; same bytes)")
+LAMBDA = Parameter("lambda", "global", 1.0, release_flag="task_arithmetic_lambda",
+                   doc="scale of the merged task vector (ignored before mergekit 0.1)")
+
+
+def _spec(name: str, pretty: str, paper: str, steps: Steps, normalize: bool, rescale: bool) -> MethodSpec:
+    per_model = (WEIGHT, DENSITY) + ((GAMMA,) if steps.sparsification == "magnitude_outliers" else ())
+    flags = (
+        INT8_MASK,
+        Parameter("normalize", "global", normalize, kind="flag",
+                  doc="divide by the sum of the weights (of the agreeing models for TIES)"),
+        Parameter("rescale", "global", rescale, kind="flag",
+                  doc="rescale kept entries to the task vector's L1 norm"),
+        LAMBDA,
+    )
+    return MethodSpec(
+        name=name, pretty_name=pretty, paper=paper, family=__name__, parameters=per_model + flags,
+        needs_base=True, random=steps.sparsification == "random", merge=partial(merge, steps),
+        is_plain_difference=partial(is_plain_difference, steps),
+    )
+
+
+SPECS = (
+    _spec("ties", "TIES", TIES_PAPER, Steps("magnitude", True), normalize=True, rescale=False),
+    _spec("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+          Steps(None, False), normalize=False, rescale=False),
+    _spec("breadcrumbs", "Model Breadcrumbs", BREADCRUMBS_PAPER,
+          Steps("magnitude_outliers", False), normalize=False, rescale=False),
+    _spec("breadcrumbs_ties", "Model Breadcrumbs with TIES", BREADCRUMBS_PAPER,
+          Steps("magnitude_outliers", True), normalize=False, rescale=False),
+    _spec("dare_ties", "DARE TIES", DARE_PAPER, Steps("random", True), normalize=False, rescale=True),
+    _spec("dare_linear", "Linear DARE", DARE_PAPER, Steps("random", False), normalize=False, rescale=True),
+)
