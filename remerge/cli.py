@@ -44,9 +44,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     # Only the chosen command's module is imported (its arguments are needed to parse argv).
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (_, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        if name == chosen:
-            _load(name).add_arguments(p)
+        if name != chosen:
+            sub.add_parser(name, help=text, description=text)
+            continue
+        module = _load(name)
+        # the module docstring's paragraphs after its first line: the command's details
+        details = (module.__doc__ or "").partition("\n")[2].strip("\n")
+        p = sub.add_parser(name, help=text, description=text, epilog=details or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
     return parser
 
 

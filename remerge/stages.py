@@ -73,7 +73,7 @@ def stage_assemble(plan_path: str | Path, recipe_text: str, model_dir: str | Pat
     if tensors_path is not None:
         digests: dict[str, str] = {}
         for path in digest_paths:
-            digests.update(json.loads(Path(path).read_text()))
+            digests.update(_read_json(path, "re-run its shard job"))
         missing = sorted(set(plan.tensors) - set(digests))
         if missing:
             raise ModelError(f"no digest for tensors {missing[:5]}: re-run their shard jobs")
@@ -140,7 +140,7 @@ def stage_card(recipe_text: str, version: str | None, name: str, card_path: str 
         return
     record = provenance_record(recipe, name, provenance)
     donor = recipe.base_model or recipe.inputs[0]
-    folder = Path(read_manifest(provenance.manifests[donor])["path"])
+    folder = Path(read_manifest(provenance.manifests[donor])["path"])  # checked: every input has one
     write_json_atomic(provenance.out, record)
     write_text_atomic(card_path, card_text(recipe, record, model_license(folder, provenance.licenses.get(donor))))
 
@@ -148,12 +148,26 @@ def stage_card(recipe_text: str, version: str | None, name: str, card_path: str 
 def provenance_record(recipe: Recipe, name: str, files: ProvenanceFiles) -> dict[str, Any]:
     from remerge.provenance.record import input_record, provenance
 
-    load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    missing = [ref for ref in recipe.inputs if ref not in files.manifests]
+    if missing:
+        raise ModelError(f"no manifest given for model(s) {', '.join(missing)} of the recipe")
     inputs = [input_record(ref, files.names.get(ref), read_manifest(files.manifests[ref]))
               for ref in recipe.inputs]
-    return provenance(name=name, recipe=recipe, inputs=inputs, tensors=load(files.tensors),
-                      configs=load(files.configs), scores=load(files.scores) if files.scores else None,
+    redo = "re-run the step that writes it"
+    return provenance(name=name, recipe=recipe, inputs=inputs, tensors=_read_json(files.tensors, redo),
+                      configs=_read_json(files.configs, redo),
+                      scores=_read_json(files.scores, redo) if files.scores else None,
                       grid_point=files.grid_point)
+
+
+def _read_json(path: str | Path, fix: str) -> Any:
+    """A json file an earlier stage wrote; a missing or damaged one is named, with the fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {err.strerror}; {fix}") from None
+    except ValueError as err:
+        raise ModelError(f"{path} is not valid JSON ({err}); {fix}") from None
 
 
 # --- all stages in one process ---------------------------------------------------------------
@@ -166,6 +180,8 @@ def merge_model(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: str 
     folder moved into `out_dir` only when complete (config.json last), so that a failed or
     killed run leaves no file that looks like a finished model."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelError(f"output folder {out_dir} is a file; give a folder (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".remerge-partial-*"):  # left by a killed earlier run
         shutil.rmtree(stale, ignore_errors=True)

@@ -5,12 +5,12 @@
 
 rule publish_demo:
     input:
-        index="results/seed/single/model/model.safetensors.index.json",
-        config="results/seed/single/model/config.json",
+        index=paths.path(paths.INDEX, merge="seed", point=wf.SINGLE_POINT),
+        config=paths.path(paths.CONFIG, merge="seed", point=wf.SINGLE_POINT),
         shards=lambda wc: shard_paths("seed", "single"),
     output:
-        passing=directory("results/demo/published/pass"),
-        altered=directory("results/demo/published/altered"),
+        passing=directory(paths.path(paths.PUBLISHED_DEMO, copy="pass")),
+        altered=directory(paths.path(paths.PUBLISHED_DEMO, copy="altered")),
     log:
         "logs/demo/publish_demo.log",
     conda:
@@ -34,8 +34,8 @@ rule audit_model:
         published=audit_published_input,
         manifests=audit_manifests,
     output:
-        report="results/audits/{audit}/audit.json",
-        markdown="results/audits/{audit}/audit.md",
+        report=paths.AUDIT_REPORT,
+        markdown=paths.AUDIT_MARKDOWN,
     log:
         "logs/audits/{audit}/audit_model.log",
     conda:
@@ -50,6 +50,6 @@ rule audit_model:
         path_map=audit_path_map,
         transplant_from=audit_transplant,
         version=lambda wc: AUDITS[wc.audit]["mergekit_version"],
-        models_dir="results/audits/models",
+        models_dir=paths.AUDIT_MODELS,
     script:
         "../scripts/audit_model.py"

@@ -3,18 +3,18 @@
 
 rule write_model_card:
     input:
-        tensors="results/{merge}/{point}/tensors.json",
-        configs="results/{merge}/{point}/configs.json",
-        recipe="results/{merge}/{point}/model/mergekit_config.yml",
+        tensors=paths.TENSORS,
+        configs=paths.CONFIGS,
+        recipe=paths.RECIPE,
         manifests=merge_manifest_files,
         scores=lambda wc: (
-            f"results/{wc.merge}/{wc.point}/scores.json"
+            paths.path(paths.SCORES, merge=wc.merge, point=wc.point)
             if MERGES[wc.merge].evaluate
             else []
         ),
     output:
-        card="results/{merge}/{point}/model/README.md",
-        provenance="results/{merge}/{point}/provenance.json",
+        card=paths.CARD,
+        provenance=paths.PROVENANCE,
     log:
         "logs/{merge}/{point}/write_model_card.log",
     conda:

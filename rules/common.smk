@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
 from remerge.workflow import config as wf
+from remerge.workflow import paths
 
 try:
     wf.check_schema(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
@@ -54,7 +55,7 @@ wildcard_constraints:
 
 
 def manifest(model):
-    return f"results/models/{model}/manifest.json"
+    return paths.path(paths.MANIFEST, model=model)
 
 
 def hub_models():
@@ -124,7 +125,7 @@ def shard_paths(merge, point):
     plan = checkpoints.plan_merge.get(merge=merge).output.plan
     with open(plan) as f:
         names = wf.shard_names(json.load(f))
-    return [f"results/{merge}/{point}/model/{n}" for n in names]
+    return [paths.shard_path(merge, point, n) for n in names]
 
 
 def shard_files(wildcards):
@@ -144,10 +145,7 @@ def merge_mem_mb(plan_path, shard, attempt):
 def shard_digests(wildcards):
     """The per-tensor sha256 files written next to each shard (digests/<shard>.json)."""
     names = [os.path.basename(f) for f in shard_files(wildcards)]
-    return [
-        f"results/{wildcards.merge}/{wildcards.point}/digests/{n.removesuffix('.safetensors')}.json"
-        for n in names
-    ]
+    return [paths.digests_path(wildcards.merge, wildcards.point, n) for n in names]
 
 
 def transplant_donor(wildcards):
@@ -176,11 +174,14 @@ def get_final_output():
     out = []
     for name, spec in MERGES.items():
         for point in points(name):
-            out.append(f"results/{name}/{point}/model/README.md")
-            out.append(f"results/{name}/{point}/provenance.json")
+            out.append(paths.path(paths.CARD, merge=name, point=point))
+            out.append(paths.path(paths.PROVENANCE, merge=name, point=point))
         if spec.evaluate:
-            out += [f"results/{name}/grid.tsv", f"results/{name}/grid.png"]
-    out += [f"results/audits/{a}/audit.json" for a in AUDITS]
+            out += [
+                paths.path(paths.GRID_TABLE, merge=name),
+                paths.path(paths.GRID_PLOT, merge=name),
+            ]
+    out += [paths.path(paths.AUDIT_REPORT, audit=a) for a in AUDITS]
     return out
 
 
@@ -241,7 +242,7 @@ def audit_published(wildcards):
     entry = AUDITS[wildcards.audit]
     published = entry["published"]
     if published.startswith("demo:"):
-        return f"results/demo/published/{published.split(':', 1)[1]}"
+        return paths.path(paths.PUBLISHED_DEMO, copy=published.split(":", 1)[1])
     if published in MODELS or os.path.isdir(published) or "@" in published:
         return _resolve_to(published)
     return f"{published}@{entry['revision']}"  # a hub id, at the audited revision

@@ -3,12 +3,12 @@
 
 rule evaluate_model:
     input:
-        index="results/{merge}/{point}/model/model.safetensors.index.json",
-        config="results/{merge}/{point}/model/config.json",
+        index=paths.INDEX,
+        config=paths.CONFIG,
         shards=shard_files,
     output:
-        results="results/{merge}/{point}/eval/results.json",
-        scores="results/{merge}/{point}/scores.json",
+        results=paths.EVAL_RESULTS,
+        scores=paths.SCORES,
     log:
         "logs/{merge}/{point}/evaluate_model.log",
     benchmark:
@@ -21,11 +21,11 @@ rule evaluate_model:
         runtime=eval_runtime,
         gpu=eval_gpus,
     params:
-        model_dir=lambda wc: f"results/{wc.merge}/{wc.point}/model",
+        model_dir=lambda wc: paths.path(paths.MODEL_DIR, merge=wc.merge, point=wc.point),
         settings=eval_settings,
         offline=lambda wc: eval_offline(),
         samples=lambda wc: (
-            f"results/{wc.merge}/{wc.point}/eval/samples"
+            paths.path(paths.EVAL_SAMPLES, merge=wc.merge, point=wc.point)
             if EVAL["log_samples"]
             else None
         ),
@@ -37,8 +37,8 @@ rule evaluate_reference:
     input:
         manifest=lambda wc: manifest(wc.model),
     output:
-        results="results/references/{model}/eval/results.json",
-        scores="results/references/{model}/scores.json",
+        results=paths.REFERENCE_RESULTS,
+        scores=paths.REFERENCE_SCORES,
     log:
         "logs/references/{model}/evaluate_reference.log",
     benchmark:
@@ -55,7 +55,7 @@ rule evaluate_reference:
         settings=eval_settings,
         offline=lambda wc: eval_offline(),
         samples=lambda wc: (
-            f"results/references/{wc.model}/eval/samples"
+            paths.path(paths.REFERENCE_SAMPLES, model=wc.model)
             if EVAL["log_samples"]
             else None
         ),

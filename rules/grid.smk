@@ -4,27 +4,25 @@
 rule collect_grid:
     input:
         scores=lambda wc: expand(
-            "results/{merge}/{point}/scores.json",
+            paths.SCORES,
             merge=wc.merge,
             point=points(wc.merge),
         ),
         tensors=lambda wc: expand(
-            "results/{merge}/{point}/tensors.json",
+            paths.TENSORS,
             merge=wc.merge,
             point=points(wc.merge),
         ),
-        references=lambda wc: expand(
-            "results/references/{model}/scores.json", model=reference_models()
-        ),
+        references=lambda wc: expand(paths.REFERENCE_SCORES, model=reference_models()),
     output:
         table=report(
-            "results/{merge}/grid.tsv",
+            paths.GRID_TABLE,
             caption="../report/grid_table.rst",
             category="Grids",
             labels={"merge": "{merge}", "figure": "table"},
         ),
         plot=report(
-            "results/{merge}/grid.png",
+            paths.GRID_PLOT,
             caption="../report/grid_plot.rst",
             category="Grids",
             labels={"merge": "{merge}", "figure": "heatmaps"},

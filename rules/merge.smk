@@ -5,7 +5,7 @@ checkpoint plan_merge:
     input:
         manifests=merge_manifest_files,
     output:
-        plan="results/{merge}/plan.json",
+        plan=paths.PLAN,
     log:
         "logs/{merge}/plan_merge.log",
     conda:
@@ -24,11 +24,11 @@ checkpoint plan_merge:
 
 rule merge_shard:
     input:
-        plan="results/{merge}/plan.json",
+        plan=paths.PLAN,
         manifests=merge_manifest_files,
     output:
-        shard="results/{merge}/{point}/model/{shard}.safetensors",
-        digests="results/{merge}/{point}/digests/{shard}.json",
+        shard=paths.SHARD,
+        digests=paths.DIGESTS,
     log:
         "logs/{merge}/{point}/merge_shard/{shard}.log",
     benchmark:
@@ -49,13 +49,13 @@ rule merge_shard:
 
 rule assemble_model:
     input:
-        plan="results/{merge}/plan.json",
+        plan=paths.PLAN,
         shards=shard_files,
         digests=shard_digests,
     output:
-        index="results/{merge}/{point}/model/model.safetensors.index.json",
-        recipe="results/{merge}/{point}/model/mergekit_config.yml",
-        tensors="results/{merge}/{point}/tensors.json",
+        index=paths.INDEX,
+        recipe=paths.RECIPE,
+        tensors=paths.TENSORS,
     log:
         "logs/{merge}/{point}/assemble_model.log",
     conda:

@@ -4,8 +4,8 @@
 
 rule build_demo_models:
     output:
-        base=directory("results/demo/base"),
-        instruct=directory("results/demo/instruct"),
+        base=directory(paths.path(paths.DEMO_MODEL, name="base")),
+        instruct=directory(paths.path(paths.DEMO_MODEL, name="instruct")),
     log:
         "logs/demo/build_demo_models.log",
     benchmark:
@@ -28,7 +28,7 @@ rule record_model:
         folder=local_folder,
         files=local_folder_files,
     output:
-        manifest="results/models/{model}/manifest.json",
+        manifest=paths.MANIFEST,
     log:
         "logs/models/{model}/record_model.log",
     wildcard_constraints:
@@ -44,7 +44,7 @@ rule record_model:
 
 rule download_model:
     output:
-        manifest="results/models/{model}/manifest.json",
+        manifest=paths.MANIFEST,
     log:
         "logs/models/{model}/download_model.log",
     wildcard_constraints:
@@ -60,6 +60,6 @@ rule download_model:
     params:
         repo=lambda wc: MODELS[wc.model]["repo"],
         revision=lambda wc: MODELS[wc.model].get("revision", "main"),
-        out_dir=lambda wc: f"results/models/{wc.model}",
+        out_dir=lambda wc: paths.path(paths.MODEL_RECORD, model=wc.model),
     script:
         "../scripts/download_model.py"

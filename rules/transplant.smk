@@ -4,14 +4,14 @@
 
 rule transplant_configs:
     input:
-        index="results/{merge}/{point}/model/model.safetensors.index.json",
+        index=paths.INDEX,
         manifests=merge_manifest_files,
         donor=lambda wc: (
             [manifest(transplant_donor(wc))] if transplant_donor(wc) else []
         ),
     output:
-        config="results/{merge}/{point}/model/config.json",
-        record="results/{merge}/{point}/configs.json",
+        config=paths.CONFIG,
+        record=paths.CONFIGS,
     log:
         "logs/{merge}/{point}/transplant_configs.log",
     conda:

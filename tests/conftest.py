@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# The reliability tests' session-scoped fixtures and figures (tests/reliability.py), shared by the
+# tests/test_reliability_*.py modules.
+pytest_plugins = ["reliability"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 

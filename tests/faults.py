@@ -86,29 +86,42 @@ def install() -> None:
         return
     if where == "write":
         from remerge.io import safetensors as safetensors_io
-        original = safetensors_io.ShardWriter.write
 
-        def write(self, name, tensor):
-            original(self, name, tensor)
-            handle = getattr(self, "_file", None)
-            if handle is not None:  # the bytes so far on disk before pausing
-                handle.flush()
-                os.fsync(handle.fileno())
-            _pause(f"{getattr(self, 'tmp', '?')} after {name}")
+        def pausing(original):
+            def write(self, name, data):
+                original(self, name, data)
+                getattr(self, "wait", lambda: None)()  # the writer thread has it on disk
+                handle = getattr(self, "_file", None)
+                if handle is not None:  # the bytes so far on disk before pausing
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                _pause(f"{getattr(self, 'tmp', '?')} after {name}")
 
-        safetensors_io.ShardWriter.write = write
+            return write
+
+        # the merge hands a shard its tensors as tensors (`write`) or as bytes (`write_raw`)
+        for method in ("write", "write_raw"):
+            if hasattr(safetensors_io.ShardWriter, method):
+                setattr(safetensors_io.ShardWriter, method, pausing(getattr(safetensors_io.ShardWriter, method)))
         return
     suffix = {"index": "model.safetensors.index.json", "scores": "scores.json"}[where]
-    from remerge import stages as jobs
-    for fname in ("write_text_atomic", "write_json_atomic"):
-        original_fn = getattr(jobs, fname)
+    # Every atomic write of a small file ends in remerge.io.files.write_bytes_atomic (the text
+    # and JSON writers call it); wrap it there and wherever a module bound it by name.
+    from remerge.io import files
 
-        def wrapped(path, *args, _original=original_fn, **kwargs):
-            if str(path).endswith(suffix):
-                _pause(f"before {path}")
-            return _original(path, *args, **kwargs)
+    original_fn = files.write_bytes_atomic
 
-        setattr(jobs, fname, wrapped)
+    def wrapped(path, *args, **kwargs):
+        if str(path).endswith(suffix):
+            _pause(f"before {path}")
+        return original_fn(path, *args, **kwargs)
+
+    files.write_bytes_atomic = wrapped
+    import remerge.stages  # noqa: F401  (the modules the jobs use, imported before the sweep)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("remerge") and \
+                getattr(module, "write_bytes_atomic", None) is original_fn:
+            module.write_bytes_atomic = wrapped
 
 
 # --- in the test process --------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """A bad config fails before any job runs, with one line naming the key, and writes nothing."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml

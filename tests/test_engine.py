@@ -13,19 +13,8 @@ from safetensors.torch import load_file, save_file
 from remerge.cli import main
 from remerge.merge.methods.task_arithmetic import Steps, reference
 from remerge.merge.releases import get_release
-from tinymodels import finetune, random_tensors, write_model
+from tinymodels import TIES_RECIPE as RECIPE, finetune, random_tensors, write_model
 
-RECIPE = """\
-models:
-  - model: {a}
-    parameters: {{weight: 0.7, density: 0.5}}
-  - model: {b}
-    parameters: {{weight: 0.3, density: [0.2, 0.9]}}
-merge_method: ties
-base_model: {base}
-parameters: {{normalize: true, int8_mask: true}}
-dtype: bfloat16
-"""
 
 
 @pytest.fixture()

@@ -240,3 +240,14 @@ def test_native_kernel_keeps_exactly_what_torchs_sort_keeps(dtype):
                 assert native.zero_outside(ours, *band)
                 assert torch.equal(ours.view(-1).view(torch.uint8 if dtype == torch.float32 else torch.uint8),
                                    expected.view(-1).view(torch.uint8)), (n, kind, band)
+
+
+def test_config_readme_lists_every_method_as_the_registry_declares_it():
+    from pathlib import Path
+
+    from remerge.merge.methods import methods_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "config" / "README.md").read_text()
+    section = readme.partition("<!-- methods:")[2]
+    table = section.partition("-->\n")[2].partition("<!-- /methods -->")[0]
+    assert table == methods_markdown(), "regenerate with `python -m remerge.merge.methods`"

@@ -83,7 +83,6 @@ def test_merged_models_load_and_generate(run):
 
 
 def test_workflow_shards_equal_the_command_line_merge(run, tmp_path):
-    from remerge.cli import main
 
     point = run / "results" / "seed" / "single"
     recipe = point / "model" / "mergekit_config.yml"

@@ -61,3 +61,18 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
               "torch_dtype": dtype, "tie_word_embeddings": tied}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# A TIES recipe over a base and two fine-tunes (format with a=, b=, base= folders): densities
+# below 1, one of them a gradient, weights that bf16 rounds.
+TIES_RECIPE = """\
+models:
+  - model: {a}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.3, density: [0.2, 0.9]}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: bfloat16
+"""

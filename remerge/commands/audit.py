@@ -9,9 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from remerge.commands import add_models_dir_option, add_version_option
 from remerge.errors import AuditError
-from remerge.hub.references import default_models_dir
-from remerge.merge.releases import VERSIONS
 from remerge.provenance.audit import BIT_IDENTICAL, CONFIGS_DIFFER, run_audit
 
 log = logging.getLogger(__name__)
@@ -28,10 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transplant-from", default=None, metavar="MODEL",
                    help="expect the json files of MODEL (a recipe reference or hub id), as after "
                    "the seed's config transplant")
-    p.add_argument("--mergekit-version", choices=VERSIONS, default=None,
-                   help="whose semantics to follow (default: the version in the published index)")
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help=f"where hub models are downloaded (default: {default_models_dir()})")
+    add_version_option(p, "whose semantics to follow (default: the version in the published index)")
+    add_models_dir_option(p)
 
 
 def parse_map(items: list[str]) -> dict[str, str]:

@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from remerge.commands import add_models_dir_option, add_version_option
 from remerge.hub.references import resolve_references
 from remerge.merge.plan import DEFAULT_SHARD_SIZE, parse_size
 from remerge.merge.recipe import load_recipe
-from remerge.merge.releases import DEFAULT_VERSION, VERSIONS
 from remerge.stages import merge_model
 
 log = logging.getLogger(__name__)
@@ -18,17 +18,14 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="mergekit YAML recipe")
     p.add_argument("out_dir", type=Path, help="output model folder")
-    p.add_argument("--mergekit-version", choices=VERSIONS, default=None,
-                   help=f"whose semantics to follow (default: {DEFAULT_VERSION}, or the newest "
-                   "release that accepted it for a recipe that lists a model twice)")
+    add_version_option(p)
     p.add_argument("--out-shard-size", default=str(DEFAULT_SHARD_SIZE),
                    help="maximum bytes per output shard, e.g. 5B, 500M, 20K (default 5B)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--random-seed", type=int, default=0,
                    help="seed of the random methods (DARE); each tensor's draws depend only on "
                    "the seed, the tensor's name and the recipe")
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help="where hub models are downloaded (default: ~/.cache/remerge/models)")
+    add_models_dir_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

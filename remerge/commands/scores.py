@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from remerge.evaluation import scores
 from remerge.errors import EvaluationError
+from remerge.evaluation import scores
 from remerge.io.files import write_json_atomic
 
 CARD_TITLE = "Card table: raw scores x 100 and their mean (the seed model card's format)"

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
-import yaml
 
 from remerge.io.files import write_text_atomic
 from remerge.merge.recipe import parse_recipe

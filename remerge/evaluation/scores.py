@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from remerge.errors import EvaluationError
+
 CARD_ROWS = ("IFEval", "BBH", "MATH Lvl 5", "GPQA", "MuSR", "MMLU-PRO")
 AVERAGE = "Average"
 TABLE_KEYS = (*CARD_ROWS, AVERAGE)
@@ -222,7 +224,7 @@ def _ifeval(results: Mapping[str, Any]) -> float | None:
 
 def _check_math_metric(math_metric: str) -> None:
     if math_metric not in MATH_METRICS:
-        raise ValueError(f"math_metric must be one of {MATH_METRICS}, not {math_metric!r}")
+        raise EvaluationError(f"math_metric must be one of {', '.join(MATH_METRICS)}, not {math_metric!r}")
 
 
 # ----------------------------------------------------------------------------- the tables

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 from remerge.errors import ModelError, RecipeError
 from remerge.io.files import write_bytes_atomic
-from remerge.io.layout import ELEMENT_SIZES, INDEX_NAME
+from remerge.io.layout import INDEX_NAME, tensor_nbytes
 from remerge.io.safetensors import DTYPE_NAMES, ST_NAMES, ModelFolder
 from remerge.merge.architecture import EMBED, LM_HEAD, is_embedding, layer_index
 from remerge.merge.recipe import Recipe
@@ -52,10 +52,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        n = ELEMENT_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass

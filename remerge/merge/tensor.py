@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from remerge.io.layout import ELEMENT_SIZES
+from remerge.io.layout import tensor_nbytes
 from remerge.io.safetensors import ModelFolder, torch_dtype
 from remerge.merge.kernels import native
 from remerge.merge.methods import MethodSpec
@@ -65,10 +65,7 @@ class TensorTask:
 
     @property
     def nbytes(self) -> int:
-        n = ELEMENT_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
     @property
     def sources(self) -> tuple[Source, ...]:

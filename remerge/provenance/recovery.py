@@ -92,7 +92,10 @@ def unflatten_recipe(flat: str) -> dict[str, Any] | None:
 def find_recipe(published: Path, recipe_file: str | Path | None = None) -> tuple[str, str]:
     """(recipe text, where it came from)."""
     if recipe_file is not None:
-        return Path(recipe_file).read_text(encoding="utf-8"), str(recipe_file)
+        try:
+            return Path(recipe_file).read_text(encoding="utf-8"), str(recipe_file)
+        except (OSError, UnicodeDecodeError) as err:
+            raise AuditError(f"cannot read recipe {recipe_file}: {getattr(err, 'strerror', None) or err}") from None
     config = published / "mergekit_config.yml"
     if config.is_file():
         return config.read_text(encoding="utf-8"), "mergekit_config.yml"

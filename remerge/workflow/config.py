@@ -20,15 +20,14 @@ import yaml
 from remerge.errors import RemergeError
 from remerge.merge.recipe import dump_recipe, parse_recipe
 from remerge.merge.releases import VERSIONS, get_release
+from remerge.workflow.paths import DEMO_MODEL, HUB_SNAPSHOT, path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model entry
 GLOBAL_GRID_KEYS = ("lambda",)  # set in the recipe's global parameters
 SINGLE_POINT = "single"
-DEMO_DIR = "results/demo"
 # Where the demo's "published" seed merge claims its models were (an author's local paths)
 DEMO_AUTHOR_DIR = "/Users/demo-author/Workspace/remerge-demo"
-HUB_DIR = "results/models"  # hub downloads: results/models/<name>/snapshot
 
 
 class ConfigError(RemergeError):
@@ -88,14 +87,14 @@ def model_reference(name: str, entry: Mapping[str, Any]) -> str:
     """How recipes and cards name the model: hub id, local path, or the demo folder."""
     kind = model_kind(entry)
     if kind == "demo":
-        return f"{DEMO_DIR}/{entry['demo']}"
+        return path(DEMO_MODEL, name=entry["demo"])
     return str(entry[kind])
 
 
 def model_folder(name: str, entry: Mapping[str, Any]) -> str:
     """Where the model's files are once its manifest exists."""
     kind = model_kind(entry)
-    return f"{HUB_DIR}/{name}/snapshot" if kind == "repo" else model_reference(name, entry)
+    return path(HUB_SNAPSHOT, model=name) if kind == "repo" else model_reference(name, entry)
 
 
 # --- merges and grids ----------------------------------------------------------------------
@@ -293,11 +292,13 @@ def _check_values(recipe, where: str) -> None:
     places = [("parameters", recipe.parameters)] + [
         (f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)
     ]
+    ranged = [p for p in recipe.method.parameters if p.valid is not None]
     for place, params in places:
-        for v in _numbers(params.get("density")):
-            if not 0 < v <= 1:
-                raise ConfigError(f"config error: {where}.recipe.{place}.density: {v} is out of "
-                                  "range (allowed: 0 < density <= 1)")
+        for param in ranged:
+            for v in _numbers(params.get(param.name)):
+                if not param.valid(v):
+                    raise ConfigError(f"config error: {where}.recipe.{place}.{param.name}: {v} is out "
+                                      f"of range: {param.name} must be {param.allowed}")
         for v in _numbers(params.get("weight")):
             if v < 0:
                 raise ConfigError(f"config error: {where}.recipe.{place}.weight: {v} is negative "

@@ -86,6 +86,23 @@ class MethodSpec:
         return f"[{self.pretty_name}]({self.paper})" if self.paper else self.pretty_name
 
 
+def methods_markdown() -> str:
+    """The methods and the parameters each accepts, as a markdown table (config/README.md
+    holds it; `python -m remerge.merge.methods` prints it)."""
+    lines = ["| method | paper | per model (or global) | global only | random |",
+             "|---|---|---|---|---|"]
+
+    def show(p: Parameter) -> str:
+        default = "required" if p.default is None else repr(p.default).lower()
+        return f"`{p.name}` ({default})"
+
+    for spec in METHODS.values():
+        paper = f"[{spec.pretty_name}]({spec.paper})" if spec.paper else spec.pretty_name
+        lines.append(f"| `{spec.name}` | {paper} | {', '.join(map(show, spec.scoped('model'))) or '-'} "
+                     f"| {', '.join(map(show, spec.scoped('global'))) or '-'} | {'yes' if spec.random else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _registry() -> dict[str, MethodSpec]:
     from remerge.merge.methods import linear, task_arithmetic
 
