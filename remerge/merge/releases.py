@@ -70,6 +70,8 @@ class Release:
     config_json: str  # "donor_keys_sorted" (transformers 4 era) | "transformers" (save_pretrained)
     # how the model card names a method: {method: text}; empty: "[pretty name](paper)"
     card_method_names: Mapping[str, str]
+    # the merge methods whose arithmetic in this release remerge reproduces
+    methods: frozenset[str]
 
     def shard_names(self, count: int) -> list[str]:
         """`model-0000i-of-0000K.safetensors` (1-based), or the release's lone-shard name."""
@@ -78,6 +80,9 @@ class Release:
         return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+# the methods both releases compute alike, or whose differences the fields above describe
+_GTA_AND_LINEAR = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                             "breadcrumbs", "breadcrumbs_ties"})
 _TOKENIZER_0_0 = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                   "tokenizer.model")
 
@@ -102,6 +107,7 @@ RELEASES: dict[str, Release] = {
                 "dare_ties": f"[DARE]({DARE_PAPER}) [TIES]({TIES_PAPER})",
                 "dare_linear": f"linear [DARE]({DARE_PAPER})",
             }),
+            methods=_GTA_AND_LINEAR,
         ),
         Release(
             version="0.1.5", verified=True,
@@ -117,6 +123,9 @@ RELEASES: dict[str, Release] = {
                 "chat_template.json", "video_preprocessor_config.json"),
             config_json="transformers",
             card_method_names=MappingProxyType({}),
+            methods=_GTA_AND_LINEAR | {
+                "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "della",
+                "della_linear", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"},
         ),
     )
 }

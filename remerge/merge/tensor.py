@@ -89,7 +89,7 @@ def plan_tensor(recipe: Recipe, tensor: TensorPlan, seed: int = 0) -> TensorTask
     task = TensorTask(
         name=tensor.name, shape=tuple(tensor.shape), method=recipe.method, release=recipe.release,
         kernel=METHOD,
-        base=source(recipe.base_model) if recipe.method.needs_base else None,
+        base=source(recipe.base_model) if recipe.method.uses_base and recipe.base_model else None,
         models=tuple(source(ref) for ref in merged),
         params=tuple(per_model[ref] for ref in merged), shared=shared,
         seeds=tuple(tensor_seed(seed, tensor.name, recipe.inputs.index(ref)) for ref in merged),

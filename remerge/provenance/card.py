@@ -48,8 +48,9 @@ def merge_details(recipe: Recipe, name: str) -> str:
     """The body of mergekit's card: title, method (as the release names it), models merged
     (in recipe order: mergekit's own order comes from a Python set), the recipe verbatim."""
     method = recipe.method.card_name(recipe.release)
-    base = f" using {_link(recipe.base_model)} as a base" if recipe.base_model else ""
-    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != recipe.base_model)
+    named_base = recipe.base_model if recipe.method.card_base else None  # slerp lists it as merged
+    base = f" using {_link(named_base)} as a base" if named_base else ""
+    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != named_base)
     return (
         f"# {name}\n\n"
         "This is a merge of pre-trained language models created using "

@@ -270,7 +270,8 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
                           f"(allowed: {', '.join(VERSIONS)}, or null)")
     for point in spec.points:
         try:
-            recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version)
+            recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version,
+                                      strict=True)
         except RemergeError as err:
             raise ConfigError(f"config error: {where}.recipe: {err}") from None
         _check_values(recipe_obj, where)

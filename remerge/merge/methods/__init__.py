@@ -26,14 +26,22 @@ if TYPE_CHECKING:
     from remerge.merge.tensor import TensorInputs, TensorTask
 
 
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()  # the default of a parameter a recipe must set
+
+
 @dataclass(frozen=True)
 class Parameter:
     """One parameter a recipe may set for a method."""
 
     name: str
     scope: str  # "model": per model, else the global value | "global": the global value only
-    default: Any  # None: required
-    kind: str = "number"  # "number" | "flag"
+    default: Any  # REQUIRED, or the value when the recipe sets none (None: "not set")
+    kind: str = "number"  # "number" | "integer" | "flag"
     valid: Callable[[float], bool] | None = None  # the range a number must lie in
     allowed: str = ""  # that range in words, for messages and docs
     release_flag: str | None = None  # a `Release` field that must be true, else it is ignored
@@ -57,12 +65,29 @@ class MethodSpec:
     paper: str | None  # the card links the method's paper
     family: str  # the module holding its arithmetic
     parameters: tuple[Parameter, ...]
-    needs_base: bool  # a `base_model` is required and is not merged as a model
+    # `base_model`: "required" (not merged as a model), "optional" (subtracted when given) or
+    # "ignored" (an input like the others: mergekit appends it to the models when unlisted)
+    base: str
     random: bool  # draws random numbers (results depend on --random-seed)
     merge: MergeFunction
+    # how many inputs (base included) and non-base inputs mergekit accepts: (min, max or None)
+    inputs: tuple[int, int | None] = (1, None)
+    non_base: tuple[int, int | None] = (0, None)
     # True when, for this tensor, the whole computation is `base + (x - base)` in the compute
     # dtype (the torch-free fused kernel may then compute it)
     is_plain_difference: Callable[["TensorTask"], bool] = lambda task: False
+    # the dtype the method's result has, from the compute dtype (most: the same)
+    result_dtype: Callable[[str], str] = lambda compute: compute
+    card_base: bool = True  # the card says "using <base> as a base" (else lists it as merged)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    @property
+    def uses_base(self) -> bool:
+        """The base is its own input of the method (not one of the merged models)."""
+        return self.base != "ignored"
 
     def parameter(self, name: str) -> Parameter:
         return next(p for p in self.parameters if p.name == name)
@@ -93,7 +118,7 @@ def methods_markdown() -> str:
              "|---|---|---|---|---|"]
 
     def show(p: Parameter) -> str:
-        default = "required" if p.default is None else repr(p.default).lower()
+        default = "not set" if p.default is None else repr(p.default).lower()
         return f"`{p.name}` ({default})"
 
     for spec in METHODS.values():
@@ -104,9 +129,14 @@ def methods_markdown() -> str:
 
 
 def _registry() -> dict[str, MethodSpec]:
-    from remerge.merge.methods import linear, task_arithmetic
+    from remerge.merge.methods import (
+        arcee_fusion, linear, model_stock, nearswap, passthrough, ram, sce, spherical,
+        task_arithmetic,
+    )
 
-    specs = [*task_arithmetic.SPECS, *linear.SPECS]
+    families = (task_arithmetic, linear, spherical, model_stock, sce, nearswap, arcee_fusion,
+                ram, passthrough)
+    specs = [spec for family in families for spec in family.SPECS]
     return {spec.name: spec for spec in specs}
 
 

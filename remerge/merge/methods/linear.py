@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from remerge.lazy import lazy_import
-from remerge.merge.methods import MethodSpec, Parameter
+from remerge.merge.methods import REQUIRED, MethodSpec, Parameter
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -54,9 +54,9 @@ SPECS = (
         name="linear", pretty_name="Linear", paper="https://arxiv.org/abs/2203.05482",
         family=__name__,
         parameters=(
-            Parameter("weight", "model", None, doc="the model's weight in the average"),
+            Parameter("weight", "model", REQUIRED, doc="the model's weight in the average"),
             Parameter("normalize", "global", True, kind="flag", doc="divide by the sum of the weights"),
         ),
-        needs_base=False, random=False, merge=merge,
+        base="ignored", random=False, merge=merge,
     ),
 )

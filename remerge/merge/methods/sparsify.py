@@ -1,9 +1,11 @@
 """Sparsification: which entries of one task vector survive, as mergekit decides it.
 
-Three kinds, named as mergekit names them: "magnitude" (TIES: the k largest |delta|),
+Four kinds, named as mergekit names them: "magnitude" (TIES: the k largest |delta|),
 "magnitude_outliers" (breadcrumbs: a band of the ranking, without the largest and smallest),
-"random" (DARE: each entry kept with probability `density`). Ties at a magnitude cut are
-decided by torch's sort order, so ranking uses the same kernel on the same keys.
+"random" (DARE: each entry kept with probability `density`), "della_magprune" (DELLA: kept
+with a probability that grows with the entry's magnitude rank in its row). Ties at a
+magnitude cut are decided by torch's sort order, so ranking uses the same kernel on the
+same keys.
 
 Shapes: `delta` is one task vector, `(*shape)`, in the compute dtype.
 """
@@ -30,6 +32,9 @@ Band = tuple[bool, int, int]
 def sparsifies(kind: str | None, params: Mapping[str, Any]) -> bool:
     """Whether a task vector with these parameters loses any entry (density >= 1 keeps all)."""
     return kind is not None and params["density"] < 1
+
+
+RANDOM_KINDS = ("random", "della_magprune")
 
 
 # --- the kept band of the ranking ------------------------------------------------------------
@@ -126,6 +131,22 @@ def random_mask(delta: "torch.Tensor", density: float, seed: int) -> "torch.Tens
     return torch.bernoulli(probs, generator=generator)
 
 
+def della_mask(delta: "torch.Tensor", density: float, epsilon: float, seed: int) -> "torch.Tensor":
+    """DELLA: each entry of a row kept with probability density - epsilon (smallest |delta|
+    of the row) to density + epsilon (largest), linear in its rank. In bf16 for bf16 deltas
+    (coarse ranks, as mergekit's), else float32. `delta` is at least 2-D here: (rows, n)."""
+    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
+    if delta.shape[-1] < 2:
+        raise RecipeError(f"della cannot rank rows of one element ({list(delta.shape)}); "
+                          "mergekit 0.1.5 fails on such a tensor too (torch: 'Expected p_in >= 0')")
+    ranks = torch.argsort(delta.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    position = ((ranks - low) / (high - low)).clamp(0, 1)
+    probs = (density - epsilon) + position * 2 * epsilon
+    return torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)).to(work)
+
+
 def _ratio_applies(before: "torch.Tensor", after: "torch.Tensor", release: "Release") -> bool:
     """Whether to rescale, by the release's test of the L1 norms (they differ for NaN)."""
     low = release.rescale_min_norm
@@ -152,6 +173,12 @@ def sparsify(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any],
     if not sparsifies(kind, params):
         return delta
     density = params["density"]
+    if kind == "della_magprune":
+        rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+        mask = della_mask(rows, density, params["epsilon"], seed)
+        kept = rows.to(mask.dtype)
+        out = rescaled(kept, mask, release) if rescale else kept * mask
+        return out.to(delta.dtype).reshape(delta.shape)
     if kind == "random":
         mask = random_mask(delta, density, seed)
         kept = delta.to(mask.dtype)
@@ -182,7 +209,7 @@ def sparsify_(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any]
     """
     if not sparsifies(kind, params):
         return
-    if kind == "random":
+    if kind in ("random", "della_magprune"):
         delta.copy_(sparsify(kind, delta, params, rescale, release, seed))
         return
     band = band_of(kind, delta.numel(), params, release)

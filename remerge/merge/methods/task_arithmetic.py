@@ -1,4 +1,4 @@
-"""Generalized task arithmetic: task_arithmetic, TIES, DARE and breadcrumbs (mergekit's
+"""Generalized task arithmetic: task_arithmetic, TIES, DARE, breadcrumbs and DELLA (mergekit's
 `generalized_task_arithmetic.py`).
 
 Per output tensor, in the compute dtype `c` (bf16 ops round once per op; `sum(dim=0)`
@@ -20,8 +20,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from remerge.lazy import lazy_import
-from remerge.merge.methods import MethodSpec, Parameter
-from remerge.merge.methods.sparsify import sparsifies, sparsify, sparsify_
+from remerge.merge.methods import REQUIRED, MethodSpec, Parameter
+from remerge.errors import RecipeError
+from remerge.merge.methods.sparsify import RANDOM_KINDS, sparsifies, sparsify, sparsify_
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -38,7 +39,7 @@ else:
 class Steps:
     """What distinguishes the methods of the family."""
 
-    sparsification: str | None  # "magnitude" | "random" | "magnitude_outliers" | None
+    sparsification: str | None  # "magnitude" | "random" | "magnitude_outliers" | "della_magprune" | None
     consensus: bool  # TIES sign election ("sum")
 
 
@@ -127,6 +128,20 @@ def is_plain_difference(steps: Steps, task: "TensorTask") -> bool:
     return all(p["weight"] == 1.0 and not sparsifies(steps.sparsification, p) for p in task.params)
 
 
+def check_della(steps: Steps, task: "TensorTask") -> None:
+    """DELLA's keep probabilities density +/- epsilon must lie in (0, 1), for every model
+    whose task vector is pruned (mergekit checks it when it prunes)."""
+    if steps.sparsification != "della_magprune":
+        return
+    for src, p in zip(task.models, task.params):
+        d, e = p["density"], p["epsilon"]
+        if sparsifies(steps.sparsification, p) and (d + e >= 1 or d - e <= 0):
+            raise RecipeError(
+                f"tensor {task.name} of model {src.model}: density {d:g} +/- epsilon {e:g} must lie "
+                "in (0, 1) (mergekit: 'Epsilon must be chosen such that density +/- epsilon is "
+                "in (0, 1)'); lower epsilon")
+
+
 SORT_BYTES_PER_ELEMENT = 20  # torch's sort: keys, int64 order and its own buffer (the kernel: 6-8)
 PARALLEL_SORT_BYTES = 256 * 1024**2
 
@@ -137,6 +152,7 @@ def merge(steps: Steps, task: "TensorTask", inputs: "TensorInputs",
     the stacked task vectors, sparsified in place (in parallel on `pool` when the sorts fit
     in memory), the base is read again after the sorts rather than held through them, and a
     plain difference is two passes."""
+    check_della(steps, task)
     base = inputs.base()
     n = len(task.params)
     if n == 0:
@@ -171,20 +187,24 @@ def merge(steps: Steps, task: "TensorTask", inputs: "TensorInputs",
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
 
-WEIGHT = Parameter("weight", "model", None, doc="scale of the model's task vector")
+WEIGHT = Parameter("weight", "model", REQUIRED, doc="scale of the model's task vector")
 DENSITY = Parameter("density", "model", 1.0, valid=lambda v: 0 < v <= 1, allowed="in (0, 1]",
                     doc="share of the task vector's entries kept")
 GAMMA = Parameter("gamma", "model", 0.01, valid=lambda v: 0 <= v < 1, allowed="in [0, 1)",
                   doc="share of the largest entries dropped as outliers")
 INT8_MASK = Parameter("int8_mask", "global", False, kind="flag",
                       doc="store the sign masks as int8 (memory only; same bytes)")
+EPSILON = Parameter("epsilon", "model", 0.15,
+                    doc="keep probabilities range over density +/- epsilon by magnitude rank")
 LAMBDA = Parameter("lambda", "global", 1.0, release_flag="task_arithmetic_lambda",
                    doc="scale of the merged task vector (ignored before mergekit 0.1)")
 
 
 def _spec(name: str, pretty: str, paper: str, steps: Steps, normalize: bool, rescale: bool) -> MethodSpec:
-    per_model = (WEIGHT, DENSITY) + ((GAMMA,) if steps.sparsification == "magnitude_outliers" else ())
+    extra = {"magnitude_outliers": (GAMMA,), "della_magprune": (EPSILON,)}.get(steps.sparsification, ())
+    per_model = (WEIGHT, DENSITY) + extra
     flags = (
         INT8_MASK,
         Parameter("normalize", "global", normalize, kind="flag",
@@ -195,7 +215,7 @@ def _spec(name: str, pretty: str, paper: str, steps: Steps, normalize: bool, res
     )
     return MethodSpec(
         name=name, pretty_name=pretty, paper=paper, family=__name__, parameters=per_model + flags,
-        needs_base=True, random=steps.sparsification == "random", merge=partial(merge, steps),
+        base="required", random=steps.sparsification in RANDOM_KINDS, merge=partial(merge, steps),
         is_plain_difference=partial(is_plain_difference, steps),
     )
 
@@ -210,4 +230,7 @@ SPECS = (
           Steps("magnitude_outliers", True), normalize=False, rescale=False),
     _spec("dare_ties", "DARE TIES", DARE_PAPER, Steps("random", True), normalize=False, rescale=True),
     _spec("dare_linear", "Linear DARE", DARE_PAPER, Steps("random", False), normalize=False, rescale=True),
+    _spec("della", "DELLA", DELLA_PAPER, Steps("della_magprune", True), normalize=True, rescale=True),
+    _spec("della_linear", "Linear DELLA", DELLA_PAPER, Steps("della_magprune", False),
+          normalize=False, rescale=True),
 )
