@@ -22,7 +22,8 @@ def rename_key(d, old, new):
 
 CASES = {
     "typo": (lambda c: rename_key(c["merges"]["sweep"]["grid"], "density", "densty"),
-             "unknown key `densty` in merges.sweep.grid (allowed: density, gamma, lambda, weight)"),
+             "unknown key `densty` in merges.sweep.grid: ties has no numeric parameter of that name "
+             "(allowed: density, lambda, weight)"),
     "typo_top": (lambda c: rename_key(c, "evaluation", "evalution"), "unknown key `evalution`"),
     "grid_density": (lambda c: c["merges"]["sweep"]["grid"].update(density=[0.5, 1.5]),
                      "merges.sweep.grid.density[1]: 1.5 is out of range: density must be in (0, 1]"),

@@ -251,3 +251,22 @@ def test_config_readme_lists_every_method_as_the_registry_declares_it():
     section = readme.partition("<!-- methods:")[2]
     table = section.partition("-->\n")[2].partition("<!-- /methods -->")[0]
     assert table == methods_markdown(), "regenerate with `python -m remerge.merge.methods`"
+
+
+def test_multislerp_refuses_a_zero_weighted_sum_of_three_and_lerps_two():
+    from remerge.merge.methods.spherical import multislerp
+
+    a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    two = multislerp(torch.stack([a, -a]), [1.0, 1.0], True, 1e-8, "t")
+    assert torch.equal(two, torch.zeros_like(a))  # antipodal pair, equal weights: the lerp is 0
+    with pytest.raises(RecipeError, match="tensor model.norm.weight: the weighted sum of the multislerp inputs is zero"):
+        multislerp(torch.stack([a, -a, torch.zeros_like(a)]), [1.0, 1.0, 1.0], True, 1e-8, "model.norm.weight")
+
+
+def test_slerp_ends_are_the_inputs_and_parallel_inputs_interpolate_linearly():
+    from remerge.merge.methods.spherical import slerp
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 30, generator=g).bfloat16(), torch.randn(40, 30, generator=g).bfloat16()
+    assert torch.equal(slerp(0.0, a, b), a) and torch.equal(slerp(1.0, a, b), b)
+    assert torch.equal(slerp(0.25, a, -a), (0.5 * a.float()).bfloat16())  # antipodal: lerp, (1 - 2t) a

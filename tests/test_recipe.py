@@ -141,3 +141,43 @@ def test_missing_weight_is_named():
     r = parse_recipe("models: [{model: a}]\nmerge_method: ties\nbase_model: base\n")
     with pytest.raises(RecipeError, match="missing `weight` for tensor w of model a"):
         tensor_parameters(r, "w", 0.0, ["a"])
+
+
+def contract(method: str, models: str, base: str | None = "base", params: str = "") -> str:
+    text = f"models:\n{models}merge_method: {method}\n" + (f"base_model: {base}\n" if base else "")
+    return text + (f"parameters: {{{params}}}\n" if params else "")
+
+
+ONE, TWO, THREE = ("".join(f"  - model: m{i}\n    parameters: {{weight: 1}}\n" for i in range(n))
+                   for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize("text, message", [
+    (contract("slerp", TWO, params="t: 0.5"),
+     "`models`: merge_method slerp takes exactly 2 inputs (the base counts as one); the recipe has 3: m0, m1, base"),
+    (contract("slerp", ONE, base=None, params="t: 0.5"), "merge_method slerp needs `base_model`"),
+    (contract("nearswap", TWO, params="t: 0.1"), "merge_method nearswap takes exactly 2 inputs"),
+    (contract("arcee_fusion", TWO), "merge_method arcee_fusion takes exactly 2 inputs"),
+    (contract("nuslerp", ONE), "merge_method nuslerp takes at least 2 non-base inputs; the recipe has 1: m0"),
+    (contract("nuslerp", THREE), "merge_method nuslerp takes exactly 2 non-base inputs; the recipe has 3"),
+    (contract("model_stock", ONE), "merge_method model_stock takes at least 3 inputs (the base counts as one); "
+                                   "the recipe has 2"),
+    (contract("passthrough", TWO, base=None), "merge_method passthrough takes exactly 1 inputs; the recipe has 2"),
+    (contract("passthrough", ONE), "merge_method passthrough takes exactly 1 inputs; the recipe has 2: m0, base"),
+])
+def test_method_input_rules_are_refused_as_mergekit_refuses_them(text, message):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text)
+    assert message in str(err.value)
+
+
+def test_a_method_the_followed_release_lacks_is_refused():
+    with pytest.raises(RecipeError, match="remerge does not know mergekit 0.0.5.1's slerp.*0.1.5"):
+        parse_recipe(contract("slerp", ONE, params="t: 0.5"), version="0.0.5.1")
+
+
+@pytest.mark.parametrize("method", ["slerp", "nearswap"])
+def test_a_required_global_parameter_is_named_with_its_tensor(method):
+    r = parse_recipe(contract(method, ONE))
+    with pytest.raises(RecipeError, match="missing `t` for tensor model.norm.weight: set it in the global `parameters`"):
+        tensor_parameters(r, "model.norm.weight", 0.0, ["m0"])

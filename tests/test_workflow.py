@@ -123,9 +123,13 @@ def test_second_run_has_nothing_to_do(run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_changing_one_grid_value_reruns_only_its_point(run, tmp_path):
+@pytest.mark.parametrize("merge, key, values, changed_point", [
+    ("sweep", "density", [0.3, 1.0], "density~0.3"),  # 0.5 -> 0.3, a per-model parameter (TIES)
+    ("slerp", "t", [0.3, 0.6], "t~0.6"),  # 0.7 -> 0.6, a global one (slerp)
+])
+def test_changing_one_grid_value_reruns_only_its_point(run, tmp_path, merge, key, values, changed_point):
     config = yaml.safe_load(CONFIG.read_text())
-    config["merges"]["sweep"]["grid"]["density"] = [0.3, 1.0]  # 0.5 -> 0.3
+    config["merges"][merge]["grid"][key] = values
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))  # sorted keys too: must not matter
     proc = snakemake(run, "-n", config=changed, check=True)
@@ -135,12 +139,26 @@ def test_changing_one_grid_value_reruns_only_its_point(run, tmp_path):
         if rule == "all":
             continue
         if rule == "collect_grid":
-            assert "merge=sweep" in wildcards
+            assert f"merge={merge}" in wildcards
             continue
-        assert "density~0.3" in wildcards, (rule, wildcards)
+        assert changed_point in wildcards and f"merge={merge}" in wildcards, (rule, wildcards)
     rules = {rule for rule, _ in jobs}
     assert {"merge_shard", "assemble_model", "evaluate_model", "write_model_card"} <= rules
     assert not rules & {"plan_merge", "build_demo_models", "evaluate_reference", "audit_model"}
+
+
+def test_slerp_sweep_sets_t_globally_and_its_points_differ(run):
+    res = run / "results" / "slerp"
+    for point in ("t~0.3", "t~0.7"):
+        recipe = yaml.safe_load((res / point / "model" / "mergekit_config.yml").read_text())
+        assert recipe["merge_method"] == "slerp" and recipe["parameters"]["t"] == float(point[2:])
+        assert "parameters" not in recipe["models"][0]
+        card = (res / point / "model" / "README.md").read_text()
+        assert "[SLERP](https://en.wikipedia.org/wiki/Slerp) merge method." in card
+    digests = {json.loads((res / p / "tensors.json").read_text())["digest"] for p in ("t~0.3", "t~0.7")}
+    assert len(digests) == 2
+    rows = (res / "grid.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:3] == ["kind", "point", "t"] and len(rows) == 1 + 2 + 2  # points, references
 
 
 def test_lint_and_format(root):

@@ -169,8 +169,9 @@ def _check_inputs(recipe: Recipe) -> None:
                                     ("non-base inputs", non_base, method.non_base)):
         if len(refs) >= low and (high is None or len(refs) <= high):
             continue
-        rule = (f"exactly {low}" if low == high else
-                f"at least {low}" if len(refs) < low else f"at most {high}")
+        # mergekit's wording: "at least" below the minimum, "exactly"/"at most" above the maximum
+        rule = (f"at least {low}" if len(refs) < low else
+                f"exactly {high}" if low == high else f"at most {high}")
         listed = ", ".join(refs) or "none"
         base = (" (the base counts as one)" if what == "inputs" and method.uses_base else "")
         raise RecipeError(

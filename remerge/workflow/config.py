@@ -18,13 +18,12 @@ from typing import Any, Mapping
 import yaml
 
 from remerge.errors import RemergeError
+from remerge.merge.methods import MethodSpec, get_method
 from remerge.merge.recipe import dump_recipe, parse_recipe
 from remerge.merge.releases import VERSIONS, get_release
 from remerge.workflow.paths import DEMO_MODEL, HUB_SNAPSHOT, path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-MODEL_GRID_KEYS = ("density", "weight", "gamma")  # set on every non-base model entry
-GLOBAL_GRID_KEYS = ("lambda",)  # set in the recipe's global parameters
 SINGLE_POINT = "single"
 # Where the demo's "published" seed merge claims its models were (an author's local paths)
 DEMO_AUTHOR_DIR = "/Users/demo-author/Workspace/remerge-demo"
@@ -153,13 +152,15 @@ def render_recipe(spec: MergeSpec, models: Mapping[str, Mapping[str, Any]], poin
     """The mergekit recipe of one grid point, with config names replaced by references."""
     data = copy.deepcopy(spec.recipe)
     base = data.get("base_model")
+    method = get_method(data.get("merge_method"))
     for key, value in point.items():
-        if key in GLOBAL_GRID_KEYS:
-            data.setdefault("parameters", {})[key] = float(value)
+        number = int(float(value)) if method.parameter(key).kind == "integer" else float(value)
+        if method.parameter(key).scope == "global":
+            data.setdefault("parameters", {})[key] = number
             continue
-        for e in data["models"]:
-            if e["model"] != base:
-                e.setdefault("parameters", {})[key] = float(value)
+        for e in data["models"]:  # every merged model (the base too, where it is one of them)
+            if e["model"] != base or not method.uses_base:
+                e.setdefault("parameters", {})[key] = number
     for e in data["models"]:
         e["model"] = model_reference(e["model"], models[e["model"]])
     if base:
@@ -268,6 +269,7 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
     if spec.mergekit_version is not None and spec.mergekit_version not in VERSIONS:
         raise ConfigError(f"config error: {where}.mergekit_version: {spec.mergekit_version!r} "
                           f"(allowed: {', '.join(VERSIONS)}, or null)")
+    _check_grid(spec, where)
     for point in spec.points:
         try:
             recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version,
@@ -275,6 +277,33 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
         except RemergeError as err:
             raise ConfigError(f"config error: {where}.recipe: {err}") from None
         _check_values(recipe_obj, where)
+
+
+def grid_parameters(method: MethodSpec) -> list[str]:
+    """The parameters of a method a grid may sweep: its numeric ones."""
+    return sorted(p.name for p in method.parameters if p.kind in ("number", "integer"))
+
+
+def _check_grid(spec: MergeSpec, where: str) -> None:
+    """Every grid key is a numeric parameter of the recipe's method, every value in its range."""
+    try:
+        method = get_method(spec.recipe.get("merge_method"))
+    except RemergeError as err:
+        raise ConfigError(f"config error: {where}.recipe: {err}") from None
+    allowed = grid_parameters(method)
+    for key, values in spec.grid.items():
+        if key not in allowed:
+            raise ConfigError(f"config error: unknown key `{key}` in {where}.grid: {method.name} "
+                              f"has no numeric parameter of that name (allowed: {', '.join(allowed)})")
+        param = method.parameter(key)
+        for i, value in enumerate(values):
+            v = float(value)
+            if param.valid is not None and not param.valid(v):
+                raise ConfigError(f"config error: {where}.grid.{key}[{i}]: {v:g} is out of range: "
+                                  f"{key} must be {param.allowed}")
+            if key == "weight" and v < 0:
+                raise ConfigError(f"config error: {where}.grid.weight[{i}]: {v:g} is out of range: "
+                                  "weight must be >= 0")
 
 
 def _numbers(setting: Any):
