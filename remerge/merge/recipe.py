@@ -134,8 +134,6 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
     method = get_method(data.get("merge_method"))
     entries = tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
     base = _reference(data.get("base_model"), "base_model") if data.get("base_model") else None
-    if method.needs_base and base is None:
-        raise RecipeError(f"merge_method {method.name} needs `base_model`")
     recipe = Recipe(
         text=text,
         method=method,
@@ -164,6 +162,8 @@ def _check_inputs(recipe: Recipe) -> None:
             f"{method.name} (it follows {method.name} as mergekit {', '.join(_releases_with(method.name))} "
             "computes it); choose one of those with --mergekit-version or `mergekit_version`"
         )
+    if method.needs_base and recipe.base_model is None:
+        raise RecipeError(f"merge_method {method.name} needs `base_model`")
     non_base = [m for m in recipe.inputs if m != recipe.base_model]
     for what, refs, (low, high) in (("inputs", recipe.inputs, method.inputs),
                                     ("non-base inputs", non_base, method.non_base)):

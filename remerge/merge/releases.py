@@ -81,6 +81,7 @@ class Release:
 
 
 # the methods both releases compute alike, or whose differences the fields above describe
+# (0.0.5.1 also has model_stock and passthrough, with 0.1.5's bytes on every parity recipe)
 _GTA_AND_LINEAR = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                              "breadcrumbs", "breadcrumbs_ties"})
 _TOKENIZER_0_0 = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
@@ -106,8 +107,9 @@ RELEASES: dict[str, Release] = {
                 "task_arithmetic": "[task arithmetic](https://arxiv.org/abs/2212.04089)",
                 "dare_ties": f"[DARE]({DARE_PAPER}) [TIES]({TIES_PAPER})",
                 "dare_linear": f"linear [DARE]({DARE_PAPER})",
+                "model_stock": "[Model Stock](https://arxiv.org/abs/2403.19522)",
             }),
-            methods=_GTA_AND_LINEAR,
+            methods=_GTA_AND_LINEAR | {"model_stock", "passthrough"},
         ),
         Release(
             version="0.1.5", verified=True,

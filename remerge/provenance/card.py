@@ -50,7 +50,7 @@ def merge_details(recipe: Recipe, name: str) -> str:
     method = recipe.method.card_name(recipe.release)
     named_base = recipe.base_model if recipe.method.card_base else None  # slerp lists it as merged
     base = f" using {_link(named_base)} as a base" if named_base else ""
-    merged = "".join(f"* {_link(ref)}\n" for ref in recipe.inputs if ref != named_base)
+    merged = "\n".join(f"* {_link(ref)}" for ref in recipe.inputs if ref != named_base)
     return (
         f"# {name}\n\n"
         "This is a merge of pre-trained language models created using "
@@ -58,7 +58,7 @@ def merge_details(recipe: Recipe, name: str) -> str:
         "## Merge Details\n### Merge Method\n\n"
         f"This model was merged using the {method} merge method{base}.\n\n"
         "### Models Merged\n\nThe following models were included in the merge:\n"
-        f"{merged}\n### Configuration\n\n"
+        f"{merged}\n\n### Configuration\n\n"
         "The following YAML configuration was used to produce this model:\n\n"
         f"```yaml\n{recipe.text}\n```\n"
     )

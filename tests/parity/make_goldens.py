@@ -63,9 +63,15 @@ VERSIONS = {
 }
 
 # Extra mergekit-yaml options per recipe; every other recipe runs with the defaults
-# (CPU, --copy-tokenizer, model card, 5B shard size, no --allow-crimes).
+# (CPU, --copy-tokenizer, model card, 5B shard size, no --allow-crimes, no --random-seed).
 RECIPE_OPTIONS = {
     "ties_multishard_2k": ["--out-shard-size", "2K"],
+    # random methods: seeded so that the goldens are repeatable (remerge seeds per tensor, so
+    # it does not compare these bytes; they serve statistics tests)
+    "della_seed_bf16": ["--random-seed", "42"],
+    "della_seed_fp16": ["--random-seed", "42"],
+    "della_linear_seed_fp32": ["--random-seed", "42"],
+    "dare_ties_seed_bf16": ["--random-seed", "42"],
 }
 
 # --------------------------------------------------------------------------------------
@@ -95,6 +101,12 @@ MODEL_SPECS = {
     "ft_b_tied": ("ft_b", "bf16", True, 1, 32, ()),
     "ft_badshape": ("ft_b", "bf16", False, 1, 40, ("badshape",)),
     "ft_missing": ("ft_b", "bf16", False, 1, 41, ("missing",)),
+    # edge cases for the interpolating methods (slerp, nuslerp, multislerp, karcher, ...);
+    # "neg" and "near" are derived from the base stream ("near" draws its own stream), so
+    # adding them changes none of the models above
+    "copy": ("base", "bf16", False, 1, 50, ()),  # every tensor = base's (parallel)
+    "neg": ("neg", "bf16", False, 1, 51, ()),  # every tensor = -base (antipodal)
+    "near": ("near", "bf16", False, 1, 52, ()),  # base + a tiny perturbation, see near_delta_values
 }
 
 # a tensor whose fine-tuned value is exactly the base value
@@ -182,6 +194,24 @@ def delta_values(stream: str, name: str, shape) -> list:
     return out
 
 
+def near_delta_values(name: str, shape) -> list:
+    """The "near" model: base plus a perturbation so small that slerp's |cos| > 0.9995 lerp
+    fallback triggers (1 - cos between 4e-6 and 1.2e-4), except in layer 1, where it is larger
+    (1 - cos between 9e-4 and 5.5e-3: nearly parallel, but slerped with a tiny angle).
+    Half of the elements move by +-k * 2^-8 (k in 1..3; layer 1: +-k * 2^-5)."""
+    import random
+
+    rnd = random.Random(f"remerge-parity/near/{name}")
+    step = 2.0**-5 if name.startswith("model.layers.1.") else 2.0**-8
+    out = []
+    for _ in range(_numel(shape)):
+        r = rnd.random()
+        s = rnd.choice([-1.0, 1.0])
+        k = rnd.choice([1, 2, 3])
+        out.append(s * k * step if r < 0.5 else 0.0)
+    return out
+
+
 def model_config(spec_dtype: str, tied: bool, marker: int) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -261,7 +291,13 @@ def build_models(out: Path) -> None:
             base = base.to(torch.bfloat16).to(
                 torch.float32
             )  # bf16 grid, exact everywhere
-            if stream != "base":
+            if stream == "neg":
+                base = -base
+            elif stream == "near":
+                base = base + torch.tensor(
+                    near_delta_values(name, shape), dtype=torch.float32
+                )
+            elif stream != "base":
                 base = base + torch.tensor(
                     delta_values(stream, name, shape), dtype=torch.float32
                 )
