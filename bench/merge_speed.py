@@ -105,11 +105,57 @@ parameters:
   int8_mask: true
 dtype: bfloat16
 """
-    raise SystemExit(f"unknown recipe {kind!r}: choose from seed, ties3")
+    if kind in METHOD_RECIPES:
+        return method_recipe(kind, base, a, b, c)
+    raise SystemExit(f"unknown recipe {kind!r}: choose from {', '.join(RECIPE_MODELS)}")
 
 
-RECIPE_MODELS = {"seed": ("base", "ft_a"), "ties3": ("base", "ft_a", "ft_b", "ft_c")}
-RECIPE_NOTES = {"seed": {"0.1.5": "mergekit 0.1.5 refuses a model listed twice"}}
+# One recipe per method of mergekit 0.1.5 beyond TIES: (models, per-model parameters,
+# global parameters, with a base). Three fine-tunes where the method merges several.
+METHOD_RECIPES = {
+    "slerp": (1, [], "t: [{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, "
+              "{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}, {value: 0.5}]", True),
+    "nuslerp": (2, ["weight: 0.4", "weight: 0.6"], "", True),
+    "multislerp": (3, ["weight: 0.5", "weight: 0.3", "weight: 0.2"], "", True),
+    "karcher": (3, [], "", False),
+    "model_stock": (3, [], "", True),
+    "sce": (3, [], "select_topk: 0.5", True),
+    "della": (3, ["weight: 0.5, density: 0.5, epsilon: 0.1"] * 3, "lambda: 1.0", True),
+    "della_linear": (3, ["weight: 0.5, density: 0.5, epsilon: 0.1"] * 3, "", True),
+    "dare_ties": (3, ["weight: 0.5, density: 0.5"] * 3, "int8_mask: true", True),
+    "nearswap": (1, [], "t: 0.001", True),
+    "arcee_fusion": (1, [], "", True),
+    "ram": (3, [], "epsilon: 0.001", True),
+    "ramplus_tl": (3, [], "epsilon: 0.001", True),
+    "passthrough": (1, [], "", False),
+}
+# Random methods: mergekit draws from one global generator, remerge per tensor, so their
+# bytes are not compared (the statistics are tested in tests/test_random_methods.py).
+RANDOM_RECIPES = {"della", "della_linear", "dare_ties", "arcee_fusion"}
+
+
+def method_recipe(kind: str, base: str, *fine_tunes: str) -> str:
+    count, per_model, shared, with_base = METHOD_RECIPES[kind]
+    lines = ["models:"]
+    for i, model in enumerate(fine_tunes[:count]):
+        lines.append(f"  - model: {model}")
+        if per_model:
+            lines.append(f"    parameters: {{{per_model[i]}}}")
+    lines.append(f"merge_method: {kind}")
+    if with_base:
+        lines.append(f"base_model: {base}")
+    if shared:
+        lines.append(f"parameters: {{{shared}}}")
+    lines.append("dtype: bfloat16")
+    return "\n".join(lines) + "\n"
+
+
+RECIPE_MODELS = {"seed": ("base", "ft_a"), "ties3": ("base", "ft_a", "ft_b", "ft_c"),
+                 **{kind: (("base",) if spec[3] else ()) + ("ft_a", "ft_b", "ft_c")[:spec[0]]
+                    for kind, spec in METHOD_RECIPES.items()}}
+NEW_IN_01 = "mergekit 0.0.5.1's version of this method is not one remerge follows"
+RECIPE_NOTES = {"seed": {"0.1.5": "mergekit 0.1.5 refuses a model listed twice"},
+                **{kind: {"0.0.5.1": NEW_IN_01} for kind in METHOD_RECIPES}}
 
 
 # --- reading outputs ----------------------------------------------------------------------
@@ -238,7 +284,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic models (default 0)")
     ap.add_argument("--out", type=Path, default=HERE / "out",
                     help="models, outputs and logs (default bench/out, git-ignored)")
-    ap.add_argument("--recipes", default="seed,ties3", help="comma-separated: seed, ties3")
+    ap.add_argument("--recipes", default="seed,ties3",
+                    help="comma-separated: seed, ties3, or a method of mergekit 0.1.5 "
+                    f"({', '.join(METHOD_RECIPES)}), or `methods` for all of those")
     ap.add_argument("--mergekit-venv", type=Path, action="append", default=None,
                     help="a virtual environment with mergekit-yaml (repeatable; default: "
                          "~/.cache/remerge-parity/venv-0.0.5.1 and venv-0.1.5 where present)")
@@ -264,7 +312,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="write every measurement here")
     args = ap.parse_args(argv)
     args.sizes = [parse_size(p) for p in args.params.split(",") if p.strip()]
-    args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    args.recipe_list = [kind for r in args.recipes.split(",") if r.strip()
+                        for kind in (METHOD_RECIPES if r.strip() == "methods" else [r.strip()])]
     for r in args.recipe_list:
         if r not in RECIPE_MODELS:
             ap.error(f"unknown recipe {r!r}: choose from {', '.join(RECIPE_MODELS)}")
@@ -407,7 +456,9 @@ def main(argv: list[str]) -> int:
                 # the same ratios from each tool's fastest run (less sensitive to other load)
                 row["x_remerge_min"] = (row["wall_min_s"] / ref["wall_min_s"]) if row["ok"] and ref else None
                 row["x_floor_min"] = (row["wall_min_s"] / floor["wall_min_s"]) if row["ok"] and floor else None
-                if row["tool"].startswith("mergekit") and row["ok"] and not args.no_check:
+                if row["tool"].startswith("mergekit") and kind in RANDOM_RECIPES:
+                    row["note"] = "random method: bytes not compared"
+                elif row["tool"].startswith("mergekit") and row["ok"] and not args.no_check:
                     mine = by("remerge", row["semantics"])
                     if mine:
                         row["check"] = compare_folders(Path(mine["runs"][-1]["out_dir"]),

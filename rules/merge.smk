@@ -43,6 +43,7 @@ rule merge_shard:
         recipe=recipe_text,
         manifests=merge_manifests,
         version=lambda wc: MERGES[wc.merge].mergekit_version,
+        seed=lambda wc: MERGES[wc.merge].random_seed,
     script:
         "../scripts/merge_shard.py"
 

@@ -12,4 +12,5 @@ stage_shard(
     shard_path=snakemake.output.shard,
     digests_path=snakemake.output.digests,
     threads=snakemake.threads,
+    seed=snakemake.params.seed,
 )

@@ -37,3 +37,24 @@ def test_provenance_has_no_timestamps(reference):
         text = prov.read_text()
         assert not stamp.search(text), (prov, stamp.search(text))
         assert not [k for k in keys(json.loads(text)) if re.search(r"date|time|stamp", k, re.I)]
+
+
+def test_a_random_method_gives_the_same_bytes_as_one_process_and_another_seed_differs(reference, tmp_path,
+                                                                                     monkeypatch):
+    """The workflow's della merge (one job per shard, two at a time) equals `remerge merge
+    --random-seed 11` of the same recipe in one process; seed 12 gives other bytes."""
+    from remerge.cli import main
+
+    model = reference / "results" / "rand" / "single" / "model"
+    shards = sorted(model.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    recipe = model / "mergekit_config.yml"
+    monkeypatch.chdir(reference)  # the recipe names the models as the workflow does (../inputs/a)
+    outputs = {}
+    for seed in ("11", "12"):
+        out = tmp_path / seed / "model"
+        assert main(["merge", str(recipe), str(out), "--random-seed", seed, "--out-shard-size", "4K",
+                     "--mergekit-version", "0.1.5"]) == 0
+        outputs[seed] = [(out / s.name).read_bytes() for s in shards]
+    assert outputs["11"] == [s.read_bytes() for s in shards]
+    assert outputs["12"] != outputs["11"]

@@ -112,6 +112,7 @@ class MergeSpec:
     transplant_from: str | None
     mergekit_version: str | None
     out_shard_size: str
+    random_seed: int
     evaluate: bool
 
     @property
@@ -144,6 +145,7 @@ def merge_spec(name: str, entry: Mapping[str, Any]) -> MergeSpec:
         transplant_from=entry.get("transplant_from"),
         mergekit_version=entry.get("mergekit_version"),
         out_shard_size=str(entry.get("out_shard_size", "5B")),
+        random_seed=int(entry.get("random_seed", 0)),
         evaluate=bool(entry.get("evaluate", True)),
     )
 

@@ -37,10 +37,15 @@ def _work_dtype(x: "torch.Tensor") -> "torch.dtype":
 # --- slerp -----------------------------------------------------------------------------------
 
 
-def _chunked_norm(v: "torch.Tensor", work: "torch.dtype") -> "torch.Tensor":
-    """The norm of the (1, n) vector as the norm of its chunks' norms: (1, 1)."""
-    norms = [torch.linalg.vector_norm(v[:, s:s + CHUNK].to(work), dim=1, keepdim=True)
-             for s in range(0, v.shape[1], CHUNK)]
+def _chunks(v: "torch.Tensor", work: "torch.dtype") -> list["torch.Tensor"]:
+    """The (1, n) vector's chunks of CHUNK elements, in the working dtype (converted once:
+    the norms, the dot and the result all read them)."""
+    return [v[:, s:s + CHUNK].to(work) for s in range(0, v.shape[1], CHUNK)]
+
+
+def _norm(chunks: list["torch.Tensor"]) -> "torch.Tensor":
+    """The norm of the vector as mergekit takes it: the norm of its chunks' norms, (1, 1)."""
+    norms = [torch.linalg.vector_norm(c, dim=1, keepdim=True) for c in chunks]
     return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
@@ -52,20 +57,20 @@ def slerp(t: float, v0: "torch.Tensor", v1: "torch.Tensor") -> "torch.Tensor":
     tt = torch.tensor([t], dtype=work).reshape(-1, 1)  # t is rounded to float32 first
     if a.numel() == 0:
         return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
-    na, nb = _chunked_norm(a, work), _chunked_norm(b, work)
+    ac, bc = _chunks(a, work), _chunks(b, work)  # 2 x 4 bytes per element while they live
+    na, nb = _norm(ac), _norm(bc)
     na = torch.where(na > EPS, na, 1)  # a zero vector gets norm 1
     nb = torch.where(nb > EPS, nb, 1)
-    dots = [((a[:, s:s + CHUNK].to(work) / na) * (b[:, s:s + CHUNK].to(work) / nb)).sum(dim=1, keepdim=True)
-            for s in range(0, a.shape[1], CHUNK)]
-    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    dot = torch.stack([((x / na) * (y / nb)).sum(dim=1, keepdim=True) for x, y in zip(ac, bc)])
+    dot = dot.sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     result = torch.empty_like(a)  # the input dtype: each chunk rounded once on store
-    for s in range(0, a.shape[1], CHUNK):
-        result[:, s:s + CHUNK] = ca * a[:, s:s + CHUNK].to(work) + cb * b[:, s:s + CHUNK].to(work)
+    for i, (x, y) in enumerate(zip(ac, bc)):
+        result[:, i * CHUNK:(i + 1) * CHUNK] = ca * x + cb * y
     return result.reshape(v0.shape)
 
 
