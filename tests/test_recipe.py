@@ -181,3 +181,9 @@ def test_a_required_global_parameter_is_named_with_its_tensor(method):
     r = parse_recipe(contract(method, ONE))
     with pytest.raises(RecipeError, match="missing `t` for tensor model.norm.weight: set it in the global `parameters`"):
         tensor_parameters(r, "model.norm.weight", 0.0, ["m0"])
+
+
+def test_local_paths_may_hold_spaces_as_in_published_windows_recipes():
+    r = parse_recipe(contract("ties", "  - model: 'D:/My Models/ft'\n    parameters: {weight: 1}\n",
+                              base="'D:/My Models/base'"))
+    assert r.inputs == ("D:/My Models/ft", "D:/My Models/base")

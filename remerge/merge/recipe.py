@@ -215,7 +215,7 @@ def _entry(index: int, raw: Any) -> ModelEntry:
     return ModelEntry(model=model, parameters=_parameters(raw.get("parameters"), where))
 
 
-_REF_RE = re.compile(r"^[^\s+]+$")
+_REF_RE = re.compile(r"^[^\s+]([^+]*[^\s+])?$")  # local paths may hold spaces (D:/My Models/x)
 
 
 def _reference(value: Any, where: str) -> str:
