@@ -69,7 +69,8 @@ CONFIG_CASES = {
                          "merges.m.mergekit_version: '0.2' is not allowed"),
     "grid_empty": (lambda c: c["merges"]["m"]["grid"].update(density=[]), "merges.m.grid.density: [] should be non-empty"),
     "grid_key_for_other_method": (lambda c: c["merges"]["m"]["grid"].update(gamma=[0.1]),
-                                  "merges.m.recipe: models[0].parameters: unknown parameter `gamma` for ties"),
+                                  "unknown key `gamma` in merges.m.grid: ties has no numeric parameter of "
+                                  "that name (allowed: density, lambda, weight)"),
     "recipe_dtype": (lambda c: c["merges"]["m"]["recipe"].update(dtype="float8"),
                      "merges.m.recipe: dtype `float8` is not supported (allowed: bfloat16, float16, float32)"),
     "weight_not_a_number": (lambda c: c["merges"]["m"]["recipe"]["models"][0]["parameters"].update(weight="heavy"),

@@ -8,8 +8,10 @@ import json
 import re
 
 import pytest
+import yaml
 
-from reliability import assert_identical, most_at_once
+from conftest import snakemake
+from reliability import CONFIG, assert_identical, most_at_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reliability_module")]
 
@@ -39,22 +41,38 @@ def test_provenance_has_no_timestamps(reference):
         assert not [k for k in keys(json.loads(text)) if re.search(r"date|time|stamp", k, re.I)]
 
 
-def test_a_random_method_gives_the_same_bytes_as_one_process_and_another_seed_differs(reference, tmp_path,
-                                                                                     monkeypatch):
-    """The workflow's della merge (one job per shard, two at a time) equals `remerge merge
-    --random-seed 11` of the same recipe in one process; seed 12 gives other bytes."""
+RANDOM_MERGE = {  # a seeded random method, its own run: the other tests count m's jobs
+    "recipe": {"models": [{"model": "a", "parameters": {"weight": 0.6, "density": 0.5}},
+                          {"model": "b", "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.2}}],
+               "merge_method": "della", "base_model": "base", "dtype": "bfloat16"},
+    "random_seed": 11, "out_shard_size": "4K", "evaluate": False,
+}
+
+
+def test_a_random_method_gives_the_same_bytes_whatever_the_cores_and_as_one_process(space, tmp_path,
+                                                                                   monkeypatch):
+    """A della merge run as one job per shard with --cores 1 and --cores 8 equals `remerge
+    merge --random-seed 11` of the same recipe in one process; seed 12 gives other bytes."""
     from remerge.cli import main
 
-    model = reference / "results" / "rand" / "single" / "model"
-    shards = sorted(model.glob("model-*.safetensors"))
+    config = yaml.safe_load(CONFIG.read_text())
+    config["merges"] = {"rand": RANDOM_MERGE}
+    path = space / "random.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {}
+    for cores in ("1", "8"):
+        work = space / f"random-cores{cores}"
+        snakemake(work, "--cores", cores, config=path, check=True)
+        runs[cores] = work / "results" / "rand" / "single" / "model"
+    shards = sorted(p.name for p in runs["1"].glob("model-*.safetensors"))
     assert len(shards) > 1
-    recipe = model / "mergekit_config.yml"
-    monkeypatch.chdir(reference)  # the recipe names the models as the workflow does (../inputs/a)
+    assert [(runs["1"] / s).read_bytes() for s in shards] == [(runs["8"] / s).read_bytes() for s in shards]
+    monkeypatch.chdir(runs["1"].parents[3])  # the recipe names the models as the workflow does
     outputs = {}
     for seed in ("11", "12"):
         out = tmp_path / seed / "model"
-        assert main(["merge", str(recipe), str(out), "--random-seed", seed, "--out-shard-size", "4K",
-                     "--mergekit-version", "0.1.5"]) == 0
-        outputs[seed] = [(out / s.name).read_bytes() for s in shards]
-    assert outputs["11"] == [s.read_bytes() for s in shards]
+        assert main(["merge", str(runs["1"] / "mergekit_config.yml"), str(out), "--random-seed", seed,
+                     "--out-shard-size", "4K", "--mergekit-version", "0.1.5"]) == 0
+        outputs[seed] = [(out / s).read_bytes() for s in shards]
+    assert outputs["11"] == [(runs["1"] / s).read_bytes() for s in shards]
     assert outputs["12"] != outputs["11"]
