@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from remerge.errors import ModelError
 from remerge.io.files import write_bytes_atomic  # noqa: F401  (re-exported)
@@ -415,9 +415,3 @@ class ShardWriter:
             f.close()
             self.tmp.unlink(missing_ok=True)  # nothing left after a successful rename
         return False  # an error inside the block propagates
-
-
-def iter_tensors(folder: ModelFolder) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Every tensor of a folder, in sorted name order, one at a time."""
-    for name in sorted(folder.tensors):
-        yield name, folder.load(name)

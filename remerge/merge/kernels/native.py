@@ -180,22 +180,6 @@ def _run_plain(fn: Any, x: int, base: int, out: int, n: int, pool: Any, chunks: 
     return not any(codes)
 
 
-def plain_difference(x: "torch.Tensor", base: "torch.Tensor", pool: Any = None,
-                     chunks: int = 2) -> "torch.Tensor | None":
-    """`base + (x - base)` for contiguous bf16 tensors in one pass; None when the kernel is
-    unavailable or a difference is not finite (the caller computes step by step)."""
-    import torch
-
-    if x.dtype != torch.bfloat16 or base.dtype != torch.bfloat16 or not (x.is_contiguous() and base.is_contiguous()):
-        return None
-    fn = plain_difference_kernel()
-    if fn is None:
-        return None
-    out = torch.empty_like(base)
-    ok = _run_plain(fn, x.data_ptr(), base.data_ptr(), out.data_ptr(), base.numel(), pool, chunks)
-    return out if ok else None
-
-
 def plain_difference_raw(x: "numpy.ndarray", base: "numpy.ndarray", pool: Any = None,
                          chunks: int = 2) -> "numpy.ndarray | None":
     """The same on the raw bf16 bits (uint16 arrays), without torch."""
