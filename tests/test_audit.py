@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from remerge.provenance.audit import default_mapping, map_references
+from remerge.provenance.audit import default_mapping, map_references, resolve_references
 from remerge.provenance.compare import bytes_difference
 from remerge.provenance.recovery import find_recipe, recipe_from_card
 from remerge.cli import main
@@ -137,3 +137,47 @@ def test_ulp_distance_across_zero():
     b = torch.tensor([-0.0, 1.0078125, -1.0], dtype=torch.bfloat16)  # -0 differs in bytes only
     diff = bytes_difference(a.view(torch.int16).numpy().view("uint16"), b.view(torch.int16).numpy().view("uint16"), "BF16")
     assert diff["differing_elements"] == 2 and diff["max_ulp"] == 1
+
+
+def test_path_map_prefixes_longest_match_and_windows_separators():
+    refs = ["/Users/someone/Workspace/org/a", "/Users/someone/Workspace/org/sub/b",
+            "/Users/someone/Workspace/org2/c", r"E:\models\org\d", "org/e"]
+    path_map = {"/Users/someone/Workspace/org": "/data/models",
+                "/Users/someone/Workspace/org/sub/": "/elsewhere",  # longer: wins for b
+                "E:/models": "/mnt/e"}
+    got = resolve_references(refs, path_map, exists=lambda r: False)
+    assert {k: v["read"] for k, v in got.items()} == {
+        refs[0]: "/data/models/a", refs[1]: "/elsewhere/b",
+        refs[2]: "org2/c",  # whole path parts only: org2 is not under org
+        refs[3]: "/mnt/e/org/d", "org/e": "org/e"}
+    assert got[refs[1]]["how"] == "mapped by folder prefix /Users/someone/Workspace/org/sub/=/elsewhere"
+    assert got[refs[2]]["how"].startswith("a local path")
+    assert got["org/e"]["how"] == "a hub id"
+    # an exact entry is a prefix of length "all" and beats any folder above it
+    exact = resolve_references(refs[:1], {**path_map, refs[0]: "/x"}, exists=lambda r: False)
+    assert exact[refs[0]] == {"read": "/x", "how": f"mapped {refs[0]}=/x"}
+
+
+def test_one_prefix_map_resolves_three_models_and_the_report_shows_each(tmp_path):
+    """Three references under one author folder, one `--path-map FOLDER=OURS`."""
+    base = random_tensors(3)
+    for i, name in enumerate(("base", "ft1", "ft2")):
+        write_model(tmp_path / "ours" / name, base if i == 0 else finetune(base, 10 + i))
+    author = "/Users/someone/Workspace/org"
+    recipe = (f"models:\n  - model: {author}/ft1\n    parameters: {{weight: 0.6}}\n"
+              f"  - model: {author}/ft2\n    parameters: {{weight: 0.4}}\n"
+              f"merge_method: task_arithmetic\nbase_model: {author}/base\ndtype: bfloat16\n")
+    (tmp_path / "ours.yml").write_text(recipe.replace(author, str(tmp_path / "ours")))
+    assert main(["merge", str(tmp_path / "ours.yml"), str(tmp_path / "pub")]) == 0
+    (tmp_path / "pub" / "mergekit_config.yml").write_text(recipe)
+    out = tmp_path / "audit"
+    assert main(["audit", str(tmp_path / "pub"), str(out), "--path-map",
+                 f"{author}={tmp_path / 'ours'}"]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert report["verdict"] == "bit-identical"
+    resolution = report["recipe"]["resolution"]
+    assert {k: v["read"] for k, v in resolution.items()} == {
+        f"{author}/{n}": f"{tmp_path / 'ours'}/{n}" for n in ("ft1", "ft2", "base")}
+    md = (out / "audit.md").read_text()
+    for n in ("ft1", "ft2", "base"):
+        assert f"`{author}/{n}` -> `{tmp_path / 'ours'}/{n}` (mapped by folder prefix {author}=" in md

@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", type=Path, default=None,
                    help="recipe file (default: the published mergekit_config.yml or README card)")
     p.add_argument("--path-map", action="append", default=[], metavar="FROM=TO",
-                   help="read model FROM (as the recipe names it) from TO (hub id or folder); "
-                   "default: a local path's last two parts as a hub id")
+                   help="read model FROM (as the recipe names it) from TO (hub id or folder); FROM "
+                   "may be a folder above several references (FROM/x is read from TO/x; the "
+                   "longest FROM wins; '\\' or '/'); default: a local path's last two parts as a hub id")
     p.add_argument("--transplant-from", default=None, metavar="MODEL",
                    help="expect the json files of MODEL (a recipe reference or hub id), as after "
                    "the seed's config transplant")

@@ -3,7 +3,8 @@
 1. Recover the recipe (`remerge.provenance.recovery`): a given file, the published
    `mergekit_config.yml`, or the YAML block of its README card.
 2. Map the recipe's model references (often the author's local paths) to models we can read:
-   an explicit `FROM=TO` map, else the last two path parts as a hub id.
+   an explicit `FROM=TO` map (a reference or a folder prefix above several), else the last
+   two path parts as a hub id.
 3. Follow the mergekit release recorded in the published index (`remerge.merge.releases`),
    plan the merge from the inputs' headers, and compute every tensor with the same function a
    merge uses (`remerge.merge.tensor.merge_tensor`), one at a time, comparing its bytes with
@@ -43,21 +44,59 @@ def default_mapping(ref: str) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 2 else ref
 
 
-def map_references(refs: list[str], path_map: Mapping[str, str],
-                   exists: Callable[[str], bool] = lambda r: Path(r).is_dir()) -> dict[str, str]:
-    """{reference in the recipe: what to read instead}: the map first, an existing folder as
-    is, a local-looking path by its last two parts, anything else (a hub id) unchanged."""
+def _path_key(ref: str) -> str:
+    """A reference as path maps compare it: Windows separators as '/', no trailing '/'."""
+    key = ref.replace("\\", "/")
+    return key.rstrip("/") or key
+
+
+def _prefix_match(ref: str, path_map: Mapping[str, str]) -> tuple[str, str] | None:
+    """(FROM, what to read) for the longest FROM of the map that is `ref` itself or a folder
+    above it (whole path parts only: `/data/org` covers `/data/org/x`, not `/data/org2/x`)."""
+    key = _path_key(ref)
+    best = None
+    for src, dst in path_map.items():
+        prefix = _path_key(src)
+        if key == prefix:
+            rest = ""
+        elif key.startswith(prefix.rstrip("/") + "/"):
+            rest = key[len(prefix.rstrip("/")) + 1:]
+        else:
+            continue
+        if best is None or len(prefix) > len(_path_key(best[0])):
+            target = dst.replace("\\", "/").rstrip("/") + "/" + rest if rest else dst
+            best = (src, target)
+    return best
+
+
+def resolve_references(refs: list[str], path_map: Mapping[str, str],
+                       exists: Callable[[str], bool] = lambda r: Path(r).is_dir()
+                       ) -> dict[str, dict[str, str]]:
+    """{reference in the recipe: {"read": what to read instead, "how": why}}, in this order:
+    the map (FROM is a reference or a folder prefix; the longest match wins; '\\' and '/' are
+    the same separator), an existing folder as is, a local-looking path by its last two parts
+    as a hub id, anything else (a hub id) unchanged."""
     out = {}
     for ref in refs:
-        if ref in path_map:
-            out[ref] = path_map[ref]
+        match = _prefix_match(ref, path_map)
+        if match is not None:
+            src, target = match
+            how = "mapped" if _path_key(src) == _path_key(ref) else "mapped by folder prefix"
+            out[ref] = {"read": target, "how": f"{how} {src}={path_map[src]}"}
         elif exists(ref):
-            out[ref] = ref
+            out[ref] = {"read": ref, "how": "an existing folder"}
         elif ref.startswith(("/", "~", ".")) or ref.count("/") > 1 or "\\" in ref:
-            out[ref] = default_mapping(ref)
+            out[ref] = {"read": default_mapping(ref),
+                        "how": "a local path, read as the hub id of its last two parts"}
         else:
-            out[ref] = ref
+            out[ref] = {"read": ref, "how": "a hub id"}
     return out
+
+
+def map_references(refs: list[str], path_map: Mapping[str, str],
+                   exists: Callable[[str], bool] = lambda r: Path(r).is_dir()) -> dict[str, str]:
+    """{reference in the recipe: what to read instead} (see `resolve_references`)."""
+    return {ref: r["read"] for ref, r in resolve_references(refs, path_map, exists).items()}
 
 
 CARD_FILES = ("README.md", "*.yml", "*.yaml")
@@ -105,7 +144,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"- recipe: from {report['recipe']['source']}, merge method {report['recipe']['merge_method']}",
         f"- followed mergekit {report['mergekit_semantics']} ({report['version_source']})",
         "- models read:",
-        *[f"  - `{k}` -> `{v}`" for k, v in report["recipe"]["references"].items()],
+        *[f"  - `{k}` -> `{v['read']}` ({v['how']})" for k, v in report["recipe"]["resolution"].items()],
         f"- tensors: {t['compared']} compared, {t['identical']} bit-identical, "
         f"{len(t['differing'])} different, {len(t['missing'])} missing, {len(t['extra'])} extra", "",
     ]
@@ -161,6 +200,12 @@ def expected_json(recipe, folders: Mapping[str, Path], transplant_from: Path | N
     return files
 
 
+def _transplant_target(donor: str, path_map: Mapping[str, str]) -> str:
+    """The transplant donor as the map resolves it (a reference, a prefix, or as given)."""
+    match = _prefix_match(donor, path_map)
+    return match[1] if match else donor
+
+
 def audit_model(
     published: Path, recipe_text: str, recipe_source: str, path_map: Mapping[str, str],
     resolve: Callable[[str], Path], version: str | None = None,
@@ -178,10 +223,11 @@ def audit_model(
     chosen = version or (release_of_published(recorded).version if recorded else None)
     source = "given" if version else ("recorded in the published index" if recorded else "default")
     original = parse_recipe(recipe_text, version=chosen)
-    mapping = map_references(list(original.inputs), path_map)
+    resolved = resolve_references(list(original.inputs), path_map)
+    mapping = {ref: r["read"] for ref, r in resolved.items()}
     recipe = original.with_references(mapping)
     folders = {ref: resolve(ref) for ref in recipe.inputs}
-    donor_dir = resolve(path_map.get(transplant_from, transplant_from)) if transplant_from else None
+    donor_dir = resolve(_transplant_target(transplant_from, path_map)) if transplant_from else None
     plan = plan_merge(recipe, folders)
     models = plan.open_models()
     theirs = ModelFolder(published, label=published_reference or str(published))
@@ -194,7 +240,8 @@ def audit_model(
         "published": {"reference": published_reference or str(published), "path": str(published)},
         "verdict": verdict(tensors, files),
         "recipe": {"source": recipe_source, "text": recipe_text, "merge_method": recipe.method.name,
-                   "references": mapping, "transplant_from": transplant_from},
+                   "references": mapping, "resolution": resolved,
+                   "transplant_from": transplant_from},
         "mergekit_semantics": recipe.release.version,
         "version_source": source,
         "tensors": tensors,
