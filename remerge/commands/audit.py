@@ -28,6 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transplant-from", default=None, metavar="MODEL",
                    help="expect the json files of MODEL (a recipe reference or hub id), as after "
                    "the seed's config transplant")
+    p.add_argument("--infer", action="store_true",
+                   help="estimate the recipe from the weights (method and parameters), given the "
+                   "possible parents (--candidate), and re-merge it; also done when the "
+                   "published model has no recipe and candidates are given")
+    p.add_argument("--candidate", action="append", default=[], metavar="MODEL",
+                   help="a model the merge may come from (folder or hub id; path maps apply); repeat")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="with --infer: the base model of a task-vector merge (default: try each candidate)")
     add_version_option(p, "whose semantics to follow (default: the version in the published index)")
     add_models_dir_option(p)
 
@@ -44,6 +52,7 @@ def parse_map(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     report = run_audit(args.published, args.recipe, parse_map(args.path_map), args.transplant_from,
-                       args.mergekit_version, args.models_dir, args.out_dir)
+                       args.mergekit_version, args.models_dir, args.out_dir, infer=args.infer,
+                       candidates=args.candidate, base=args.base)
     print(f"{args.published}: {report['verdict']}")
     return 0 if report["verdict"] in (BIT_IDENTICAL, CONFIGS_DIFFER) else 1

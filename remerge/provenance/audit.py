@@ -141,6 +141,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Audit of {report['published']['reference']}", "",
         f"**Verdict: {report['verdict']}**", "",
+        f"- resting on: {report.get('basis', basis(report))}",
         f"- recipe: from {report['recipe']['source']}, merge method {report['recipe']['merge_method']}",
         f"- followed mergekit {report['mergekit_semantics']} ({report['version_source']})",
         "- models read:",
@@ -162,6 +163,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                        ("Extra tensors (published, not made by the recipe)", "extra")):
         if t[key]:
             lines += [f"## {title}", "", *[f"- {n}" for n in t[key]], ""]
+    if "inference" in report:
+        lines += inference_markdown(report["inference"], report["verdict"])
     lines += ["## Files", "", f"- identical: {', '.join(f['identical']) or 'none'}"]
     for d in f["differing"]:
         why = f" (equals {d['matches']}'s file: a config transplant)" if d.get("matches") else ""
@@ -172,6 +175,19 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if f["extra"]:
         lines.append(f"- only in the published model: {', '.join(f['extra'])}")
     return "\n".join(lines) + "\n"
+
+
+def inference_markdown(inference: Mapping[str, Any], verdict_text: str) -> list[str]:
+    best = inference["best"]
+    outcome = ("it reproduces every tensor" if verdict_text != TENSORS_DIFFER else
+               "no estimate reproduced every tensor: this is the closest")
+    lines = ["## Inferred recipe", "",
+             f"Estimated from the weights ({inference['estimates_tried']} candidate recipes tried on "
+             f"{len(inference['samples'])} sample tensors; {outcome}). Method {best['method']}: "
+             f"{best['why']}.", "", "```yaml", best["recipe"].rstrip(), "```", ""]
+    if best.get("layers"):
+        lines += [f"Output layers come from: {', '.join(best['layers'])}", ""]
+    return lines
 
 
 def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> None:
@@ -249,21 +265,68 @@ def audit_model(
     }
 
 
+def infer_from_weights(published: Path, candidates: list[str], base: str | None,
+                       path_map: Mapping[str, str], resolve: Callable[[str], Path],
+                       version: str | None) -> dict[str, Any]:
+    """Estimate the recipe from the published weights and the candidate parents (named as
+    the user named them; read through the path map), see `remerge.provenance.infer`."""
+    from remerge.provenance.infer import infer_recipe
+
+    if not candidates:
+        raise AuditError("--infer needs the models the merge may come from: --candidate MODEL "
+                         "(once per model; a folder or a hub id)")
+    if base is not None and base not in candidates:
+        candidates = [*candidates, base]
+    resolved = resolve_references(candidates, path_map)
+    folders = {ref: Path(resolve(r["read"])) for ref, r in resolved.items()}
+    from remerge.merge.releases import release_of_published
+
+    recorded = recorded_version(published)
+    follow = version or (release_of_published(recorded).version if recorded else None)
+    return infer_recipe(published, folders, base=base, version=follow)
+
+
+def basis(report: Mapping[str, Any]) -> str:
+    """What the verdict rests on, in words."""
+    how = "an inferred recipe (from the weights), re-merged" if "inference" in report else "the recipe, re-merged"
+    if report.get("elementwise"):
+        return f"{how}; a random method, so checked element by element against the values it allows"
+    if report["verdict"] == TENSORS_DIFFER:
+        return f"{how}: tensors compared byte for byte"
+    return f"{how}: every tensor bit-identical"
+
+
 def run_audit(published: str, recipe_file: str | None, path_map: Mapping[str, str],
               transplant_from: str | None, version: str | None, models_dir: str | Path | None,
-              out_dir: str | Path) -> dict[str, Any]:
+              out_dir: str | Path, infer: bool = False, candidates: list[str] | None = None,
+              base: str | None = None) -> dict[str, Any]:
     """The audit as a function of paths (the workflow's job, `remerge audit`): find the
-    published model and its recipe, audit, write audit.json and audit.md into `out_dir`.
-    Whatever the verdict, the reports are the result."""
+    published model and its recipe (or, with `infer` or when it has none and candidates are
+    given, estimate one from the weights), audit, write audit.json and audit.md into
+    `out_dir`. Whatever the verdict, the reports are the result."""
     from remerge.hub.references import resolve_reference
 
     models = Path(models_dir) if models_dir is not None else None
+    resolve = lambda ref: resolve_reference(ref, models)  # noqa: E731
     folder = published_folder(published, models)
-    text, source = find_recipe(folder, recipe_file)
-    report = audit_model(folder, text, source, path_map,
-                         resolve=lambda ref: resolve_reference(ref, models),
+    inference = None
+    if not infer:
+        try:
+            text, source = find_recipe(folder, recipe_file)
+        except AuditError:
+            if not candidates:
+                raise
+            infer = True
+            log.warning("%s has no recipe: inferring one from the weights", published)
+    if infer:
+        inference = infer_from_weights(folder, list(candidates or ()), base, path_map, resolve, version)
+        text, source = inference["best"]["recipe"], "inferred from the weights (--infer)"
+    report = audit_model(folder, text, source, path_map, resolve=resolve,
                          version=version, transplant_from=transplant_from,
                          published_reference=published)
+    if inference is not None:
+        report["inference"] = inference
+    report["basis"] = basis(report)
     write_reports(report, out_dir)
     log.info("verdict: %s (see %s)", report["verdict"], Path(out_dir) / "audit.md")
     return report

@@ -106,5 +106,6 @@ def find_recipe(published: Path, recipe_file: str | Path | None = None) -> tuple
             return text, "README.md"
     raise AuditError(
         f"{published}: no recipe found (no mergekit_config.yml, and no YAML recipe block in "
-        "README.md); give one with --recipe FILE"
+        "README.md); give one with --recipe FILE, or estimate one from the weights with "
+        "--infer --candidate MODEL (once per possible parent)"
     )
