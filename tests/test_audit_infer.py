@@ -73,7 +73,8 @@ def test_task_arithmetic_weights_are_recovered(tmp_path):
 
 
 def test_a_model_that_is_no_merge_of_the_candidates_gets_the_closest_estimate(tmp_path):
-    pub = published_without_recipe("slerp_bf16_multishard", tmp_path)
+    # slerp with per-filter gradients of t: beyond what --infer estimates today
+    pub = published_without_recipe("slerp_filters", tmp_path)
     code, report = infer(pub, tmp_path / "a")
     assert code == 1 and report["verdict"] == "different tensors"
     assert report["inference"]["estimates_tried"] > 1
@@ -92,3 +93,12 @@ def test_rounded_forms_and_density_candidates():
     assert density_candidates(0.4979, 0.5052)[0] == 0.5
     assert density_candidates(0.7, 1.01)[0] == 1.0  # nothing dropped: density 1 first
     assert slices_of([("a", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 1)]) == [("a", 0, 2), ("b", 1, 3), ("a", 1, 2)]
+
+
+def test_slerp_t_is_recovered_from_the_angle(tmp_path):
+    code, report = infer(published_without_recipe("slerp_bf16_multishard", tmp_path), tmp_path / "a")
+    assert code == 0 and not report["tensors"]["differing"]
+    recipe = inferred(report)
+    assert recipe["merge_method"] == "slerp" and recipe["parameters"] == {"t": 0.3}
+    assert Path(recipe["base_model"]).name == "base"
+    assert [Path(m["model"]).name for m in recipe["models"]] == ["ft_a"]

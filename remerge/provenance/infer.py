@@ -6,6 +6,7 @@ was merged, write the estimate as a recipe, and let the audit re-merge it.
                      in the `slices:` form, one slice per run of consecutive source layers
     linear           published ~ sum_i c_i x_i              (least squares, float64)
     task_arithmetic  published - base ~ sum_i w_i d_i        (d_i = x_i - base)
+    slerp            t from the projection onto the chord between base and model
     ties             each model keeps the top k_i of |d_i|: the first unchanged element of its
                      ranking bounds k_i, hence the density; the weights' ratios come from the
                      elements where several kept entries agree in sign
@@ -286,7 +287,8 @@ def ties_weights(deltas: Sequence["torch.Tensor"], masks: Sequence["torch.Tensor
 
 def models_recipe(method: str, entries: Sequence[tuple[str, Mapping[str, float]]], dtype: str,
                   base: str | None = None, parameters: Mapping[str, Any] | None = None) -> str:
-    data: dict[str, Any] = {"models": [{"model": ref, "parameters": dict(p)} for ref, p in entries],
+    data: dict[str, Any] = {"models": [{"model": ref, **({"parameters": dict(p)} if p else {})}
+                                       for ref, p in entries],
                             "merge_method": method}
     if base is not None:
         data["base_model"] = base
@@ -324,6 +326,28 @@ def task_arithmetic_estimates(weights: Mapping[str, float], base_ref: str, dtype
     for form in absolute_forms([c for _, c in kept]):
         entries = [(r, {"weight": w}) for (r, _), w in zip(kept, form)]
         yield Estimate("task_arithmetic", models_recipe("task_arithmetic", entries, dtype, base_ref), why)
+
+
+def slerp_t(out: "torch.Tensor", a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """Where `out` lies between a (t = 0) and b (t = 1): the projection onto b - a (slerp
+    is close to the chord for the small angles between a model and its fine-tune)."""
+    chord = b - a
+    return float((out - a).dot(chord) / chord.dot(chord)) if bool(chord.any()) else 0.0
+
+
+def slerp_estimates(samples: Sequence[tuple[str, "torch.Tensor", Mapping[str, "torch.Tensor"]]],
+                    dtype: str) -> Iterator[Estimate]:
+    """Each ordered pair of candidates (base, other), t from the largest sample."""
+    _, out, xs = samples[0]
+    for base_ref, other in product(xs, xs):
+        if base_ref == other:
+            continue
+        t = slerp_t(out, xs[base_ref], xs[other])
+        if not -0.01 <= t <= 1.01:
+            continue
+        for value in dict.fromkeys(round(t, d) for d in (1, 2, 3)):
+            yield Estimate("slerp", models_recipe("slerp", [(other, {})], dtype, base_ref, {"t": value}),
+                           f"t {t:.4f} from the projection onto the chord {base_ref} -> {other}")
 
 
 def ties_estimates(samples: Sequence[tuple["torch.Tensor", "torch.Tensor", Mapping[str, "torch.Tensor"]]],
@@ -425,6 +449,7 @@ def estimates(published: ModelFolder, folders: Mapping[str, Path], base: str | N
         samples.append((name, out, xs))
     out, xs = samples[0][1], samples[0][2]
     yield from linear_estimates(out, xs, dtype)
+    yield from slerp_estimates(samples, dtype)
     for base_ref in ([base] if base else list(folders)):
         others = {r: x for r, x in xs.items() if r != base_ref}
         if not others:
