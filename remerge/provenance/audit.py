@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -248,7 +250,9 @@ def audit_model(
     models = plan.open_models()
     theirs = ModelFolder(published, label=published_reference or str(published))
     tasks = (plan_tensor(recipe, t) for t in plan.tensors.values())
-    tensors = compare_tensors(((task, merge_tensor(task, models)) for task in tasks), theirs)
+    # the pool runs the per-model sorts of sparsifying methods, as in a merge's shard job
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        tensors = compare_tensors(((task, merge_tensor(task, models, pool)) for task in tasks), theirs)
     files = compare_json_files(expected_json(recipe, folders, donor_dir), published,
                                {ref: Path(f) for ref, f in folders.items()})
     return {
