@@ -62,7 +62,8 @@ mergekit side environment missing. To create them (outside this repo, never in .
 
 
 def recipe_text(kind: str, folders: dict[str, Path]) -> str:
-    base, a, b, c = (str(folders[r]) for r in ROLES)
+    """The recipe `kind` over the model folders (those of RECIPE_MODELS[kind] are needed)."""
+    base, a, b, c = (str(folders.get(r, "")) for r in ROLES)
     if kind == "seed":
         # the seed's recipe: one fine-tune listed twice, weight 1, density 1
         return f"""\

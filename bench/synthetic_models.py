@@ -8,9 +8,14 @@ exact-zero deltas and ties in |delta|), each in several safetensors shards with
 folder whose spec matches and rebuilds it otherwise. The building runs in its own process
 
     python bench/synthetic_models.py build-models DIR SEED PARAMS SHARDS
+    python bench/synthetic_models.py build-real DIR SEED SHAPE SHARDS ROLE...
 
 so that the benchmark never holds torch or model memory while it measures others. torch
 and safetensors are imported only there. Nothing here imports remerge.
+
+`build-real` makes models of a real model's shapes (`REAL_SHAPES`, e.g. Llama-3.1-8B: 16 GB
+per model in bf16) in blocks of rows, streamed to the files, so that building one needs
+about a gigabyte of memory whatever its size (bench/real_size.py).
 """
 
 from __future__ import annotations
@@ -236,6 +241,112 @@ def _numel(shape) -> int:
     return n
 
 
+# --- real model shapes, streamed -----------------------------------------------------------
+
+# The widths of real models (tensor_shapes and llama_config take these keys)
+REAL_SHAPES = {
+    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 32,
+                     "vocab_size": 128256},
+    # the same vocabulary at a quarter of the width (untied here: 1.5B parameters, 3 GB)
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 16,
+                     "vocab_size": 128256},
+}
+BLOCK_ELEMENTS = 1 << 24  # elements generated at once (64 MB of float32 per random draw)
+
+
+def real_shape(name: str) -> dict:
+    shape = dict(REAL_SHAPES[name])
+    shape["parameters"] = sum(_numel(s) for _, s in tensor_shapes(shape))
+    return shape
+
+
+def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges of at most BLOCK_ELEMENTS elements (one range for a 1-D tensor)."""
+    if len(shape) < 2:
+        return [(0, shape[0])]
+    step = max(1, BLOCK_ELEMENTS // _numel(shape[1:]))
+    return [(r, min(shape[0], r + step)) for r in range(0, shape[0], step)]
+
+
+def _header(names: list[str], shape_of: dict) -> bytes:
+    """A safetensors header for bf16 tensors stored in this order, padded to 8 bytes."""
+    header, pos = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        end = pos + 2 * _numel(shape_of[name])
+        header[name] = {"dtype": "BF16", "shape": list(shape_of[name]), "data_offsets": [pos, end]}
+        pos = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def build_real(models_dir: Path, seed: int, shape_name: str, shards: int, roles: list[str]) -> dict[str, Path]:
+    """Models of `roles` (base, ft_a, ...) with a real model's shapes under models_dir, reused
+    when their spec matches. Each tensor is generated in blocks of rows (the base's block,
+    then each fine-tune's from it, as `finetune_tensor` makes them: the same statistics as
+    build_models, other random values) and written as it comes, all roles at once."""
+    import torch
+
+    shape = real_shape(shape_name)
+    names = tensor_shapes(shape)
+    shape_of = dict(names)
+    cut = _shard_cut([(n, 2 * _numel(s)) for n, s in names], shards)
+    folders = {role: models_dir / role for role in roles}
+    specs = {role: {**model_spec(seed, role, shape, shards), "real": shape_name, "block": BLOCK_ELEMENTS}
+             for role in roles}
+    todo = [role for role in roles if not model_is_current(folders[role], specs[role])]
+    if not todo:
+        return folders
+    started = time.monotonic()
+    print(f"[models] building {', '.join(todo)} ({shape_name}: {shape['parameters'] / 1e9:.2f}B params, "
+          f"{len(cut)} shards) under {models_dir}", flush=True)
+    for role in todo:
+        shutil.rmtree(folders[role], ignore_errors=True)
+        folders[role].mkdir(parents=True)
+    weight_map = {}
+    for k, shard in enumerate(cut, 1):
+        fname = f"model-{k:05d}-of-{len(cut):05d}.safetensors"
+        order = sorted(shard)
+        files = {role: open(folders[role] / fname, "wb") for role in todo}
+        try:
+            for f in files.values():
+                f.write(_header(order, shape_of))
+            for name in order:
+                weight_map[name] = fname
+                full = shape_of[name]
+                for r0, r1 in _row_blocks(full):
+                    key = f"{name}[{r0}:{r1}]"
+                    base = base_tensor(seed, key, (r1 - r0, *full[1:]))
+                    for role, f in files.items():
+                        t = base if role == "base" else finetune_tensor(seed, role, key, base)
+                        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        finally:
+            for f in files.values():
+                f.close()
+        print(f"[models] shard {k}/{len(cut)} in {time.monotonic() - started:.0f}s", flush=True)
+    total = sum(2 * _numel(s) for _, s in names)
+    for marker, role in enumerate(ROLES):
+        if role not in todo:
+            continue
+        folder = folders[role]
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(llama_config(shape, marker), indent=2) + "\n")
+        sizes = {f.name: f.stat().st_size for f in sorted(folder.iterdir())}
+        (folder / SPEC_NAME).write_text(json.dumps({"spec": specs[role], "files": sizes}, indent=2) + "\n")
+    print(f"[models] {', '.join(todo)}: {total / 1e9:.1f} GB each in {time.monotonic() - started:.0f}s", flush=True)
+    return folders
+
+
+def ensure_real(models_dir: Path, seed: int, shape_name: str, shards: int, roles: list[str]) -> dict[str, Path]:
+    """`build_real` in a fresh process (this one holds no torch or model memory)."""
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-real", str(models_dir),
+                    str(seed), shape_name, str(shards), *roles], check=True)
+    return {role: models_dir / role for role in roles}
+
+
 # --- building in a process of its own -------------------------------------------------------
 
 
@@ -259,7 +370,11 @@ def ensure_models(models_dir: Path, seed: int, params: int, shards: int) -> dict
 def main(argv: list[str]) -> int:
     if argv[:1] == ["build-models"] and len(argv) == 5:
         return build_worker(argv[1:])
-    print("usage: synthetic_models.py build-models DIR SEED PARAMS SHARDS", file=sys.stderr)
+    if argv[:1] == ["build-real"] and len(argv) >= 6:
+        build_real(Path(argv[1]), int(argv[2]), argv[3], int(argv[4]), argv[5:])
+        return 0
+    print("usage: synthetic_models.py build-models DIR SEED PARAMS SHARDS\n"
+          "       synthetic_models.py build-real DIR SEED SHAPE SHARDS ROLE...", file=sys.stderr)
     return 2
 
 

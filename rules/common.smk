@@ -132,14 +132,21 @@ def shard_files(wildcards):
     return shard_paths(wildcards.merge, wildcards.point)
 
 
-def merge_mem_mb(plan_path, shard, attempt):
-    """mem_mb of a merge_shard job, from its tensors' sizes in the plan."""
+def merge_mem_mb(plan_path, wildcards, attempt):
+    """mem_mb of a merge_shard job, from its tensors' sizes in the plan and the point's recipe
+    (which decides the tensors computed in chunks of rows)."""
     try:
         with open(plan_path) as f:
             plan = json.load(f)
     except OSError:
         return wf.BASELINE_MB
-    return wf.shard_mem_mb(plan, f"{shard}.safetensors", attempt)
+    return wf.shard_mem_mb(
+        plan,
+        f"{wildcards.shard}.safetensors",
+        attempt,
+        recipe=recipe_text(wildcards),
+        version=MERGES[wildcards.merge].mergekit_version,
+    )
 
 
 def shard_digests(wildcards):

@@ -37,7 +37,7 @@ rule merge_shard:
         "../envs/remerge.yaml"
     threads: 4
     resources:
-        mem_mb=lambda wc, input, attempt: merge_mem_mb(input.plan, wc.shard, attempt),
+        mem_mb=lambda wc, input, attempt: merge_mem_mb(input.plan, wc, attempt),
         runtime=60,
     params:
         recipe=recipe_text,

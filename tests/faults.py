@@ -88,8 +88,8 @@ def install() -> None:
         from remerge.io import safetensors as safetensors_io
 
         def pausing(original):
-            def write(self, name, data):
-                original(self, name, data)
+            def write(self, name, data, *piece):  # piece: write_raw's start element
+                original(self, name, data, *piece)
                 getattr(self, "wait", lambda: None)()  # the writer thread has it on disk
                 handle = getattr(self, "_file", None)
                 if handle is not None:  # the bytes so far on disk before pausing

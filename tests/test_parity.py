@@ -18,6 +18,8 @@ VERSIONS = ("0.0.5.1", "0.1.5")
 # as make_goldens.py ran them
 SEEDED = ("della_seed_bf16", "della_seed_fp16", "della_linear_seed_fp32", "dare_ties_seed_bf16")
 OPTIONS = {"ties_multishard_2k": ["--out-shard-size", "2K"],
+           "slices_passthrough_frankenmerge_2k": ["--out-shard-size", "2K"],
+           "slices_passthrough_deep_3k": ["--out-shard-size", "3K"],
            **{recipe: ["--random-seed", "42"] for recipe in SEEDED}}
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -26,6 +28,12 @@ DIVERGENCES = {
     ("error_shape_mismatch", "0.0.5.1"): (
         "mergekit 0.0.5.1 silently leaves a model with a mismatched shape out of that tensor; "
         "remerge refuses rather than change the result quietly", "merging needs identical shapes"),
+    **{("error_slices_backwards_range", v): (
+        "mergekit stacks no layer for layer_range [2, 1] but counts -1 layers in config.json's "
+        "num_hidden_layers", "layers run from start") for v in VERSIONS},
+    ("error_slices_duplicate_in_slice", "0.0.5.1"): (
+        "mergekit 0.0.5.1 keeps one of a model listed twice in a slice (its gather is a dict "
+        "keyed by model); remerge refuses, as 0.1.5 does", "is listed twice; list each model once"),
 }
 # What mergekit refused and the message remerge gives instead.
 REFUSALS = {
@@ -48,6 +56,13 @@ REFUSALS = {
     "error_slerp_missing_t": "missing `t` for tensor",
     "error_slerp_no_base": "merge_method slerp needs `base_model`",
     "error_slerp_three_models": "merge_method slerp takes exactly 2 inputs",
+    "error_slices_length_mismatch": "its sources cover different numbers of layers (./models/ft_a [0, 3]: 3, ./models/ft_b [0, 2]: 2)",
+    "error_slices_layer_range_beyond": "model ./models/ft_b has 3 layers (0 to 2); end may be at most 3",
+    "error_slices_and_models": "`models` and `slices` together",
+    "error_slices_duplicate_in_slice": "model ./models/ft_a is listed twice; list each model once",
+    "error_slices_base_not_in_slice": "base_model ./models/base is not among the sources of the slice",
+    "error_slices_qwen2_layer_types": "with num_hidden_layers 4 the config is invalid for transformers",
+    "slices_ties_post_drops_base": "base_model ./models/base is not among the sources of the tensors after the layers",
 }
 UNKNOWN_TO_RELEASE = "remerge does not know mergekit"  # a method the followed release lacks
 
@@ -115,7 +130,7 @@ def test_parity(merged, recipe, version):
         assert code == 2 and UNKNOWN_TO_RELEASE in err, err
         return
     if (golden / "REFUSED.txt").exists() or (recipe, version) in DIVERGENCES:
-        expected = DIVERGENCES.get((recipe, version), (None, REFUSALS[recipe]))[1]
+        expected = DIVERGENCES[(recipe, version)][1] if (recipe, version) in DIVERGENCES else REFUSALS[recipe]
         assert code == 2 and expected in err, err
         assert not out.exists() or not any(out.iterdir())
         return

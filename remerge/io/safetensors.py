@@ -1,15 +1,16 @@
 """Safetensors files: lazy reading of model folders, streaming atomic writing of shards.
 
 Reading: a model folder's tensors are listed from its headers only (`model.safetensors.index.json`
-or the `*.safetensors` files); a tensor is read when asked for (a positioned read), so a shard job
-holds one tensor per input at a time. Every header is checked up front (length, JSON, dtypes,
-offsets within the file) so that a truncated or garbage shard fails with its file named
-before any work is done.
+or the `*.safetensors` files); a tensor, or a range of its rows, is mapped when asked for, so a
+shard job holds one tensor (or one chunk of rows) per input at a time. Every header is checked
+up front (length, JSON, dtypes, offsets within the file) so that a truncated or garbage shard
+fails with its file named before any work is done.
 
 Writing: the header of an output shard is known from the plan (names, dtypes, shapes), so
-`ShardWriter` writes it first and then each tensor at its offset, in any order; the file
-appears under its final name only when complete (temporary name + `os.replace`). The bytes
-equal those of `safetensors.torch.save_file(tensors, path, metadata)`.
+`ShardWriter` writes it first and then each tensor at its offset, in any order (a large tensor
+may come in pieces, in order); the file appears under its final name only when complete
+(temporary name + `os.replace`). The bytes equal those of
+`safetensors.torch.save_file(tensors, path, metadata)`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,25 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * element_size(self.dtype)
+
+
+# A range [start, stop) of a tensor's first dimension: a contiguous run of its bytes.
+Rows = tuple[int, int]
+
+
+def row_span(shape: tuple[int, ...], rows: Rows | None) -> tuple[int, int, tuple[int, ...]]:
+    """Where rows [start, stop) of a tensor of `shape` lie: (first element, element count, their
+    shape). `rows` None: the whole tensor (a 0-d tensor has no rows)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if rows is None:
+        return 0, numel, tuple(shape)
+    start, stop = rows
+    if not shape or not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"rows {rows} of a tensor of shape {tuple(shape)}")
+    row = numel // shape[0] if shape[0] else 0
+    return start * row, (stop - start) * row, (stop - start, *shape[1:])
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -226,39 +246,57 @@ class ModelFolder:
                              f"({got} of {info.nbytes} bytes): the file is truncated; copy it again")
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
-    def _map(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
-        """A read-only mapping of just this tensor's pages, and where its bytes start in it."""
-        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._fd(info.file), info.offset + info.nbytes - start,
-                           offset=start, access=mmap.ACCESS_READ)
-        return mapped, info.offset - start
+    def _map(self, info: TensorInfo, first: int, count: int) -> tuple[mmap.mmap, int]:
+        """A read-only mapping of just the pages of elements [first, first + count) of this
+        tensor, and where their bytes start in it."""
+        width = element_size(info.dtype)
+        begin = info.offset + first * width
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self._fd(info.file), begin + count * width - start, offset=start,
+                           access=mmap.ACCESS_READ)
+        return mapped, begin - start
 
-    def view(self, name: str) -> "torch.Tensor":
-        """One tensor as a read-only view of the file's pages (mmap of just its bytes): no
-        copy, and the pages are unmapped as soon as the tensor is dropped, so only tensors in
-        use count as this process's memory. Never write to the result."""
+    def view(self, name: str, rows: Rows | None = None) -> "torch.Tensor":
+        """One tensor, or rows [start, stop) of its first dimension, as a read-only view of the
+        file's pages (mmap of just those bytes): no copy, and the pages are unmapped as soon as
+        the tensor is dropped, so only tensors in use count as this process's memory. Never
+        write to the result."""
         import torch
 
         info = self.info(name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        mapped, offset = self._map(info)
+        first, count, shape = row_span(info.shape, rows)
+        if count == 0:
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        mapped, offset = self._map(info, first, count)
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: we know
             warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=offset)
-        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=count * element_size(info.dtype),
+                                   offset=offset)
+        return raw.view(torch_dtype(info.dtype)).reshape(shape)
 
-    def raw(self, name: str) -> "numpy.ndarray":
-        """One tensor's bytes as a read-only flat numpy array of its element width (uint16 for
-        bf16), mapped like `view`: for kernels that need no torch."""
+    def raw(self, name: str, rows: Rows | None = None) -> "numpy.ndarray":
+        """One tensor's bytes, or those of rows [start, stop), as a read-only flat numpy array of
+        its element width (uint16 for bf16), mapped like `view`: for kernels that need no torch."""
         import numpy as np
 
         info = self.info(name)
         width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[element_size(info.dtype)]
-        if info.nbytes == 0:
+        first, count, _ = row_span(info.shape, rows)
+        if count == 0:
             return np.empty(0, dtype=width)
-        mapped, offset = self._map(info)
-        return np.frombuffer(mapped, dtype=width, count=info.numel, offset=offset)
+        mapped, offset = self._map(info, first, count)
+        return np.frombuffer(mapped, dtype=width, count=count, offset=offset)
+
+    def prefetch(self, name: str, rows: Rows | None = None) -> None:
+        """Have the kernel start reading a tensor's pages (or those of rows [start, stop)) into
+        the page cache without waiting for them: the next chunk is read while this one is
+        computed. Costs this process no memory."""
+        info = self.info(name)
+        first, count, _ = row_span(info.shape, rows)
+        width = element_size(info.dtype)
+        if count and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(info.file), info.offset + first * width, count * width,
+                             os.POSIX_FADV_WILLNEED)
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -319,9 +357,11 @@ class ShardWriter:
     """Writes one safetensors shard tensor by tensor, atomically, on a background thread.
 
     Usage: `with ShardWriter(path, layout) as w: w.write(name, tensor) ...`. `write` hands the
-    tensor to a writer thread (at most `queue` tensors wait), so the caller computes the next
-    tensor while this one goes to disk. On leaving the block without error every tensor must
-    have been written; the file is then flushed, fsynced and renamed into place. On error the
+    tensor to a writer thread (at most `queue` tensors or pieces wait), so the caller computes
+    the next one while this one goes to disk. A tensor may be handed over whole or in pieces
+    (`write_raw(name, piece, start)`, in order, without gaps); its digest is the sha256 of all
+    its bytes either way. On leaving the block without error every tensor must have been
+    written in full; the file is then flushed, fsynced and renamed into place. On error the
     temporary file is removed.
     """
 
@@ -333,7 +373,10 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.header, self.offsets = shard_layout(tensors, metadata)
         self.expected = {name: (dtype, tuple(shape)) for name, dtype, shape in tensors}
-        self.written: set[str] = set()
+        self.written: set[str] = set()  # tensors on disk in full
+        self._handed: dict[str, int] = {}  # bytes of each tensor handed over (caller's thread)
+        self._done: dict[str, int] = {}  # bytes of each tensor written (writer's thread)
+        self._hashes: dict[str, Any] = {}  # sha256 of the bytes written so far, when asked
         self._file = None
         self._queue: Queue = Queue(maxsize=queue)
         self._thread: threading.Thread | None = None
@@ -355,22 +398,27 @@ class ShardWriter:
             )
         import torch
 
-        self._put(name, tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.write_raw(name, tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    def write_raw(self, name: str, data: Any) -> None:
-        """Hand over a tensor's bytes (any buffer, e.g. a numpy array) in safetensors order."""
+    def write_raw(self, name: str, data: Any, start: int = 0) -> None:
+        """Hand over a tensor's bytes (any buffer, e.g. a numpy array) in safetensors order:
+        all of them, or the next piece, from element `start` on (the pieces of a tensor come in
+        order, each starting where the previous one ended)."""
         dtype, shape = self.expected[name]
-        expected = element_size(dtype)
+        width = element_size(dtype)
+        total = width
         for d in shape:
-            expected *= d
-        if memoryview(data).nbytes != expected:
-            raise ValueError(f"tensor {name}: {memoryview(data).nbytes} bytes, planned {expected}")
-        self._put(name, data)
-
-    def _put(self, name: str, data: Any) -> None:
+            total *= d
+        nbytes, done = memoryview(data).nbytes, self._handed.get(name, 0)
+        if name in self._handed and done == total:
+            raise ValueError(f"tensor {name}: handed over twice")
+        if start * width != done or done + nbytes > total:
+            raise ValueError(f"tensor {name}: {nbytes} bytes from element {start}, planned {total} "
+                             f"bytes in all, {done} of them handed over so far")
+        self._handed[name] = done + nbytes
         if self._error is not None:
             raise self._error
-        self._queue.put((name, data))
+        self._queue.put((name, start * width, data))
 
     def wait(self) -> None:
         """Block until every tensor handed over so far is written (frees their memory)."""
@@ -387,14 +435,19 @@ class ShardWriter:
             self._queue.task_done()
         self._queue.task_done()
 
-    def _write_now(self, name: str, data: Any) -> None:
-        start, _ = self.offsets[name]
+    def _write_now(self, name: str, at: int, data: Any) -> None:
+        """Write bytes of tensor `name` from its byte `at` on; hash them after the earlier ones."""
+        start, end = self.offsets[name]
         view = memoryview(data).cast("B")
-        self._file.seek(len(self.header) + start)
+        self._file.seek(len(self.header) + start + at)
         self._file.write(view)
         if self.digests is not None:
-            self.digests[name] = hashlib.sha256(view).hexdigest()
-        self.written.add(name)
+            self._hashes.setdefault(name, hashlib.sha256()).update(view)
+        self._done[name] = self._done.get(name, 0) + len(view)
+        if self._done[name] == end - start:
+            self.written.add(name)
+            if self.digests is not None:
+                self.digests[name] = self._hashes.pop(name).hexdigest()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._queue.put(None)
@@ -406,7 +459,7 @@ class ShardWriter:
                     raise self._error
                 missing = sorted(set(self.expected) - self.written)
                 if missing:
-                    raise ValueError(f"{self.path}: tensors never written: {missing[:5]}")
+                    raise ValueError(f"{self.path}: tensors never written in full: {missing[:5]}")
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()

@@ -1,7 +1,9 @@
 """The non-tensor files of a merged model: what mergekit writes, and the seed's transplant.
 
 mergekit writes `config.json` from the base model (else the first model) with `torch_dtype`
-set to `out_dtype or dtype`, and copies the donor's tokenizer files byte for byte. The seed
+set to `out_dtype or dtype` and, for a `slices:` recipe, `num_hidden_layers` set to the layers
+it stacked (nothing else: a per-layer list such as `layer_types` keeps the donor's length), and
+copies the donor's tokenizer files byte for byte. The seed
 merge then went one step further: every `.json` file of the merge except the index was
 replaced by the instruct model's ("config transplant"), which also brings its
 `generation_config.json` and chat template.
@@ -17,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
+from typing import Any, Mapping
 
 from remerge.errors import ModelError
 from remerge.io.files import write_bytes_atomic
@@ -46,29 +48,33 @@ def _read_config(recipe: Recipe, folder: Path) -> dict:
 
 
 def config_text(recipe: Recipe, folder: Path) -> str:
-    """config.json of the merge: the donor's config with `torch_dtype = out_dtype or dtype`,
-    serialized as the followed release's transformers writes it (`Release.config_json`).
+    """config.json of the merge: the donor's config with `torch_dtype = out_dtype or dtype`
+    and, for slices, `num_hidden_layers = Recipe.layer_count`, serialized as the followed
+    release's transformers writes it (`Release.config_json`).
 
-    "transformers": the release runs on transformers 5 (as remerge does): the config is loaded
-    and saved by transformers itself, so the bytes match. "donor_keys_sorted": releases of the
-    transformers 4 era: the donor's keys, `_name_or_path` set to its reference, sorted,
-    two-space indent (`transformers_version` stays the donor's: the one key that depends on
-    the author's installation).
+    "transformers": the release runs on transformers 5 (as remerge does): the config is loaded,
+    validated and saved by transformers itself, so the bytes match. "donor_keys_sorted":
+    releases of the transformers 4 era: the donor's keys, `_name_or_path` set to its reference,
+    sorted, two-space indent (`transformers_version` stays the donor's: the one key that
+    depends on the author's installation).
     """
     dtype = recipe.out_dtype or recipe.dtype
+    layers = {"num_hidden_layers": recipe.layer_count} if recipe.layer_count is not None else {}
     config = _read_config(recipe, folder)
     if recipe.release.config_json == "transformers":
         transformers = _transformers()  # outside the try: a broken install is not a bad config
         try:
-            return _transformers_config_text(transformers, folder, dtype)
+            loaded = transformers.AutoConfig.from_pretrained(folder)
         except Exception as err:  # not a config transformers can load: keep the donor's keys
             log.warning("transformers cannot load %s/config.json (%s); writing its keys with "
                         "`dtype` set instead of transformers' serialization", folder, err)
-            return json.dumps({**config, **({"dtype": dtype} if dtype else {})}, indent=2,
-                              sort_keys=True) + "\n"
+            return json.dumps({**config, **({"dtype": dtype} if dtype else {}), **layers},
+                              indent=2, sort_keys=True) + "\n"
+        return _transformers_config_text(recipe, loaded, dtype, layers)
     config["_name_or_path"] = donor(recipe)
     if dtype:
         config["torch_dtype"] = dtype
+    config.update(layers)
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -94,11 +100,38 @@ def _transformers() -> ModuleType:
     return transformers
 
 
-def _transformers_config_text(transformers: ModuleType, folder: Path, dtype: str | None) -> str:
-    config = transformers.AutoConfig.from_pretrained(folder)
+def _transformers_config_text(recipe: Recipe, config: Any, dtype: str | None,
+                              layers: Mapping[str, int]) -> str:
+    """What mergekit's `save_pretrained` writes: the values set as attributes, the config
+    validated as transformers 5 validates it at save time, then serialized."""
     if dtype:
         config.torch_dtype = dtype
+    for key, value in layers.items():
+        setattr(config, key, value)
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as err:
+        cause = getattr(err, "__cause__", None) or err
+        raise ModelError(
+            f"config.json of model {donor(recipe)}: with num_hidden_layers "
+            f"{recipe.layer_count} the config is invalid for transformers ({cause}); mergekit "
+            f"{recipe.release.version} fails there, after writing every shard: keep the layer "
+            "count, or follow mergekit 0.0.5.1 (--mergekit-version 0.0.5.1), which writes the "
+            "donor's per-layer lists unchanged") from None
     return config.to_json_string()  # what save_pretrained writes
+
+
+def check_config(recipe: Recipe, folders: Mapping[str, str | Path]) -> None:
+    """Refuse before merging a slices recipe whose config.json cannot be written (transformers
+    5 refuses a `num_hidden_layers` that disagrees with a per-layer list like `layer_types`).
+    Only recipes that change the layer count pay for importing transformers."""
+    folder = Path(folders[donor(recipe)])
+    if recipe.layer_count is None or recipe.release.config_json != "transformers":
+        return
+    if _read_config(recipe, folder).get("num_hidden_layers") == recipe.layer_count:
+        return
+    config_text(recipe, folder)
 
 
 def merged_config(recipe: Recipe, folder: Path) -> dict:

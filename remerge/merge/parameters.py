@@ -1,9 +1,16 @@
 """Per-tensor parameter values: each setting of a recipe evaluated for one tensor.
 
 A setting is a number or flag, a gradient over the layers, or a list of `{filter, value}`
-entries. mergekit's precedence: the model's own `parameters`, then the global `parameters`,
-then the method's default (`remerge.merge.methods`). Resolved once per tensor, when the
-tensor's task is planned (`remerge.merge.tensor.plan_tensor`).
+entries. mergekit's precedence, first value found wins: the model's own `parameters` (in the
+tensor's slice: every source of that model, in order), then the slice's `parameters`, then the
+global `parameters`, then the method's default (`remerge.merge.methods`). A `models:` recipe is
+one slice without parameters of its own (`Recipe.output_slices`). Global-only parameters skip
+the first step. Resolved once per tensor, when the tensor's task is planned
+(`remerge.merge.tensor.plan_tensor`).
+
+Filters match a name: global-only parameters the output tensor's, per-model ones the tensor
+the model is asked for (`TensorPlan.input_name`: in a slice, the layer it reads, so a filter
+`layers.2.` selects by source layer there); gradients run over the slice's own layers.
 """
 
 from __future__ import annotations
@@ -41,26 +48,33 @@ def evaluate_setting(setting: Setting, tensor: str, t: float) -> Any:
     return (1 - frac) * setting[i0] + frac * setting[i1]
 
 
-def resolve(recipe: Recipe, name: str, tensor: str, t: float, model: str | None = None) -> Any:
-    """A parameter's value for a tensor: the model's own entries, then global, then default.
+def resolve(recipe: Recipe, name: str, tensor: str, t: float, model: str | None = None,
+            slice: int = 0) -> Any:
+    """A parameter's value for a tensor: the model's own settings in the tensor's slice, then
+    the slice's, then the global ones, then the default. `tensor`: the name filters match.
 
-    For a model listed more than once, the first of its entries that sets the parameter wins
-    (the releases that accept such a recipe). A parameter the release does not read keeps
-    its default, whatever the recipe says.
+    For a model listed more than once in a slice, the first of its entries that sets the
+    parameter wins (the releases that accept such a recipe). A parameter the release does not
+    read keeps its default, whatever the recipe says.
     """
     param = recipe.method.parameter(name)
     if not param.read_by(recipe.release):
         return param.default
-    sources: list[Mapping[str, Setting]] = []
-    if model is not None:
-        sources += [e.parameters for e in recipe.entries if e.model == model]
-    sources.append(recipe.parameters)
-    for params in sources:
+    for params in setting_scopes(recipe, slice, model):
         if name in params:
             value = evaluate_setting(params[name], tensor, t)
             if value is not None:
                 return value
     return param.default
+
+
+def setting_scopes(recipe: Recipe, slice: int, model: str | None) -> list[Mapping[str, Setting]]:
+    """Where a parameter may be set, highest precedence first (mergekit's
+    `ConfigReader.parameter_sources`): the model's sources in the slice (none for a global-only
+    parameter, `model` None), the slice, the recipe."""
+    out = recipe.output_slices[slice]
+    own = [s.parameters for s in out.sources if s.model == model] if model is not None else []
+    return [*own, out.parameters, recipe.parameters]
 
 
 def check_value(param: Parameter, value: Any, tensor: str, model: str | None) -> Any:
@@ -82,17 +96,21 @@ def check_value(param: Parameter, value: Any, tensor: str, model: str | None) ->
 
 
 def tensor_parameters(
-    recipe: Recipe, tensor: str, t: float, models: Sequence[str]
+    recipe: Recipe, tensor: str, t: float, models: Sequence[str], slice: int = 0,
+    input_names: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Global and per-model parameters of one tensor, resolved and validated."""
+    """Global and per-model parameters of one tensor of slice `slice`, resolved and validated
+    (`input_names`: model -> the name its filters match; default: the tensor's own)."""
     method = recipe.method
+    names = input_names or {}
     shared = {
-        p.name: check_value(p, resolve(recipe, p.name, tensor, t), tensor, None)
+        p.name: check_value(p, resolve(recipe, p.name, tensor, t, slice=slice), tensor, None)
         for p in method.scoped("global")
     }
     per_model = {
         m: {
-            p.name: check_value(p, resolve(recipe, p.name, tensor, t, m), tensor, m)
+            p.name: check_value(p, resolve(recipe, p.name, names.get(m, tensor), t, m, slice),
+                                tensor, m)
             for p in method.scoped("model")
         }
         for m in models

@@ -3,8 +3,14 @@
     plan_merge(recipe, folders) -> Plan        from the input headers alone
 
 Made once per merge and shared by every grid point: it does not depend on per-model weights,
-densities or any other parameter value, only on the models, the method's need of a base, the
-dtypes and the release. Each shard job reads it; so does the job that writes the index.
+densities or any other parameter value, only on the models, the slices, the method's need of a
+base, the dtypes and the release. Each shard job reads it; so does the job that writes the index.
+
+The output tensors are those mergekit plans (`Recipe.output_slices`): the embeddings from the
+first slice's sources, then every slice's layers (output layer o reads layer start + k of each
+source, o counting up over all slices), then the tensors after the layers from the last slice's
+sources (`Recipe.post_sources`). A `models:` recipe is one slice of all layers. They are saved,
+and so cut into shards, in the order mergekit saves them (`remerge.merge.schedule`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from remerge.errors import ModelError, RecipeError
 from remerge.io.files import write_bytes_atomic
 from remerge.io.layout import INDEX_NAME, tensor_nbytes
 from remerge.io.safetensors import DTYPE_NAMES, ST_NAMES, ModelFolder
-from remerge.merge.architecture import EMBED, LM_HEAD, is_embedding, layer_index
-from remerge.merge.recipe import Recipe
+from remerge.merge.architecture import (
+    EMBED, LM_HEAD, POST_TEMPLATE, is_embedding, layer_index, layer_template, plan_rank,
+    with_layer_index,
+)
+from remerge.merge.recipe import OutputSlice, Recipe
 from remerge.merge.releases import Release, get_release
+from remerge.merge.schedule import Read, save_order
 
-PLAN_FORMAT = "remerge.plan/2"
+PLAN_FORMAT = "remerge.plan/3"
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # mergekit's default `--out-shard-size 5B`
 
 
@@ -49,10 +59,17 @@ class TensorPlan:
     t: float  # position for layer gradients, in [0, 1]
     sources: dict[str, str | None]  # model reference -> tensor name to read (None: absent)
     stored: dict[str, str]  # model reference -> safetensors dtype of that tensor (present ones)
+    slice: int = 0  # the recipe slice whose parameters apply (`Recipe.output_slices`)
 
     @property
     def nbytes(self) -> int:
         return tensor_nbytes(self.dtype, self.shape)
+
+    def input_name(self, ref: str) -> str:
+        """The tensor mergekit asks model `ref` for (its per-model filters match this name):
+        the layer it reads, else the output's own name (a tied lm_head is `lm_head.weight`)."""
+        source = self.sources.get(ref)
+        return source if source is not None and layer_index(self.name) is not None else self.name
 
 
 @dataclass
@@ -64,7 +81,8 @@ class Plan:
     dtype: str | None
     out_dtype: str | None
     shards: list[list[str]]  # tensor names per output shard, in save order
-    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)  # in save order
+    slices: list[list[list]] | None = None  # `slices:` as [[model, start, end], ...] per slice
 
     @property
     def release(self) -> Release:
@@ -109,9 +127,10 @@ class Plan:
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Refuse a recipe that does not match the layout this plan was made for."""
-        mine = (self.version, self.method, self.base_model, list(self.models), self.dtype, self.out_dtype)
+        mine = (self.version, self.method, self.base_model, list(self.models), self.dtype,
+                self.out_dtype, self.slices)
         theirs = (recipe.release.version, recipe.method.name, recipe.base_model, list(recipe.inputs),
-                  recipe.dtype, recipe.out_dtype)
+                  recipe.dtype, recipe.out_dtype, slice_layout(recipe))
         if mine != theirs:
             raise RecipeError(
                 f"the shard plan was made for another recipe ({mine} vs {theirs}); plan again"
@@ -138,27 +157,134 @@ def _num_layers(folder: ModelFolder) -> int:
         return 1 + max((i for n in folder.tensors if (i := layer_index(n)) is not None), default=0)
 
 
-def gradient_t(name: str, num_layers: int, release: Release) -> float:
-    """Layer position of a tensor for gradients: i / (L - 1) inside the layers; embeddings 0;
-    tensors after the layers as the release places them."""
-    index = layer_index(name)
-    if index is not None:
-        return index / (num_layers - 1) if num_layers > 1 else 1.0
-    if is_embedding(name):
-        return 0.0
-    return release.gradient_t_after_layers
+def slice_layout(recipe: Recipe) -> list[list[list]] | None:
+    """The recipe's slices as plain lists ([[model, start, end], ...] per slice; None for
+    `models:`), as the plan records them."""
+    if recipe.slices is None:
+        return None
+    return [[[s.model, *s.layer_range] for s in sl.sources] for sl in recipe.slices]
 
 
-def _sources(name: str, models: Mapping[str, ModelFolder], recipe: Recipe) -> dict[str, str | None]:
-    """Which tensor each model contributes to output `name` (None: this model has none).
+@dataclass(frozen=True)
+class _Planned:
+    """One output tensor as mergekit plans it, before any header is read beyond names."""
+
+    name: str
+    reads: dict[str, str]  # model -> the tensor it is asked for, in the slice's source order
+    slice: int  # the slice whose parameters apply
+    t: float  # position for layer gradients, in [0, 1]
+
+
+def _model_type(folder: ModelFolder) -> str | None:
+    try:
+        return json.loads((folder.path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def slice_ranges(recipe: Recipe, layers: Mapping[str, int]) -> list[list[tuple[str, int, int]]]:
+    """Every slice's sources as (model, start, end), checked against each model's layers
+    (`layers`: model -> its number of layers); a `models:` source takes all of them."""
+    out = []
+    for i, sl in enumerate(recipe.output_slices):
+        ranges = [(s.model, *(s.layer_range or (0, layers[s.model]))) for s in sl.sources]
+        where = "`models`" if recipe.slices is None else f"slices[{i}]"
+        if len({end - start for _, start, end in ranges}) > 1:
+            counts = ", ".join(f"{m}: {end - start}" for m, start, end in ranges)
+            raise RecipeError(f"{where}: the models have different numbers of layers ({counts}); "
+                              "mergekit merges layer by layer and refuses this ('All inputs to a "
+                              "slice must contain the same number of layers')")
+        for j, (model, start, end) in enumerate(ranges):
+            if end > layers[model]:
+                raise RecipeError(
+                    f"{where}.sources[{j}].layer_range [{start}, {end}]: model {model} has "
+                    f"{layers[model]} layers (0 to {layers[model] - 1}); end may be at most "
+                    f"{layers[model]} (mergekit fails while merging: 'Tensor model.layers."
+                    f"{layers[model]}.input_layernorm.weight required but not present in model "
+                    f"{model}')")
+        out.append(ranges)
+    return out
+
+
+def gradient_t(offset: int, length: int) -> float:
+    """Layer position for gradients: offset / (length - 1) within the slice, 1 for a slice of
+    one layer (mergekit's `plan_slice`)."""
+    return offset / (length - 1) if length > 1 else 1.0
+
+
+def plan_layout(recipe: Recipe, models: Mapping[str, ModelFolder],
+                layers: Mapping[str, int]) -> list[_Planned]:
+    """The output tensors in mergekit's plan order: the embeddings (first slice's sources,
+    t = 0), each slice's layers in output order (each layer's tensors in the architecture's
+    template order), then the tensors after the layers (`Recipe.post_sources`, t as the
+    release places them). The names come from the base (else the first model) outside the
+    layers, and from the slice's base (else its first source) inside."""
+    slices = recipe.output_slices
+    anchor = models[recipe.base_model or recipe.inputs[0]]
+    template = layer_template(_model_type(anchor))
+    by_layer: dict[str, dict[int, list[str]]] = {ref: {} for ref in models}
+    for ref, folder in models.items():
+        for name in folder.tensors:
+            if (i := layer_index(name)) is not None:
+                by_layer[ref].setdefault(i, []).append(name)
+    if recipe.slices is not None:
+        _check_layered(recipe, models, by_layer)
+    post_models = [s.model for s in recipe.post_sources()]
+    outside = [n for n in anchor.tensors if layer_index(n) is None]
+    if LM_HEAD not in outside and any(models[m].has(LM_HEAD) for m in post_models):
+        outside.append(LM_HEAD)
+    planned = [_Planned(n, {s.model: n for s in slices[0].sources}, 0, 0.0)
+               for n in sorted(n for n in outside if is_embedding(n))]
+    out = 0
+    for i, (sl, ranges) in enumerate(zip(slices, slice_ranges(recipe, layers))):
+        names_from = _slice_anchor(sl, recipe)
+        start = {model: first for model, first, _ in ranges}
+        length = ranges[0][2] - ranges[0][1]
+        for k in range(length):
+            names = by_layer[names_from].get(start[names_from] + k, [])
+            for name in plan_rank(names, template):
+                planned.append(_Planned(
+                    with_layer_index(name, out),
+                    {m: with_layer_index(name, start[m] + k) for m in sl.models},
+                    i, gradient_t(k, length)))
+            out += 1
+    after = recipe.release.gradient_t_after_layers
+    planned += [_Planned(n, {m: n for m in post_models}, len(slices) - 1, after)
+                for n in plan_rank([n for n in outside if not is_embedding(n)], POST_TEMPLATE)]
+    return planned
+
+
+def _check_layered(recipe: Recipe, models: Mapping[str, ModelFolder],
+                   by_layer: Mapping[str, Mapping[int, list[str]]]) -> None:
+    """Layer ranges need tensors named by layer as remerge knows them (`model.layers.N.`)."""
+    for sl in recipe.slices or ():
+        for ref in sl.models:
+            if not by_layer[ref]:
+                raise RecipeError(
+                    f"model {ref} ({_model_type(models[ref]) or 'unknown architecture'}): none of "
+                    "its tensors is named like a decoder layer (`model.layers.N.`); remerge knows "
+                    "the Llama-family layout only, so it cannot take layer ranges of this model "
+                    "(whole models under `models:` still merge)")
+
+
+def _slice_anchor(sl: OutputSlice, recipe: Recipe) -> str:
+    """The model whose layer tensors a slice's output layers are named after: the base when
+    it is one of the slice's sources, else the first source."""
+    return recipe.base_model if recipe.base_model in sl.models else sl.models[0]
+
+
+def _sources(planned: _Planned, models: Mapping[str, ModelFolder], recipe: Recipe
+             ) -> dict[str, str | None]:
+    """Which tensor each model contributes to one output tensor (None: this model has none).
 
     Tied embeddings: `lm_head.weight` is optional. The release either reads a model's
     `model.embed_tokens.weight` in its place, or leaves such a model (not the base) out of
-    that tensor. Any other tensor must exist in every model.
+    that tensor. Any other tensor must exist in every model that the tensor reads.
     """
     fallback = recipe.release.lm_head_fallback
     sources: dict[str, str | None] = {}
-    for ref, folder in models.items():
+    for ref, name in planned.reads.items():
+        folder = models[ref]
         if folder.has(name):
             sources[ref] = name
         elif name == LM_HEAD and fallback == "embedding" and folder.has(EMBED):
@@ -166,11 +292,11 @@ def _sources(name: str, models: Mapping[str, ModelFolder], recipe: Recipe) -> di
         elif name == LM_HEAD and fallback == "skip" and ref != recipe.base_model:
             sources[ref] = None
         else:
-            raise ModelError(
-                f"tensor {name} is missing from model {ref} ({_where(folder)}) but present "
-                f"in {next(r for r, f in models.items() if f.has(name))}; the models must "
-                "share one architecture"
-            )
+            holders = [r if n == name else f"{r} (as {n})" for r, n in planned.reads.items()
+                       if models[r].has(n)]
+            present = f"but present in {holders[0]}" if holders else "and the merge needs it"
+            raise ModelError(f"tensor {name} is missing from model {ref} ({_where(folder)}) "
+                             f"{present}; the models must share one architecture")
     return sources
 
 
@@ -223,44 +349,41 @@ def _check_shapes(name: str, models: Mapping[str, ModelFolder], sources: Mapping
     return first.shape
 
 
-def output_names(recipe: Recipe, models: Mapping[str, ModelFolder]) -> list[str]:
-    """The output tensors: the base's (first input's without a base), plus `lm_head.weight`
-    when any input has it; in mergekit's save order (sorted by name)."""
-    anchor = models[recipe.base_model or recipe.inputs[0]]
-    names = set(anchor.tensors)
-    if any(f.has(LM_HEAD) for f in models.values()):
-        names.add(LM_HEAD)
-    return sorted(names)
-
-
-def plan_tensor_layout(name: str, recipe: Recipe, models: Mapping[str, ModelFolder],
-                       num_layers: int) -> TensorPlan:
+def plan_tensor_layout(planned: _Planned, recipe: Recipe, models: Mapping[str, ModelFolder]
+                       ) -> TensorPlan:
     """One output tensor's sources, shape and dtypes (no parameter values)."""
-    anchor = recipe.base_model or recipe.inputs[0]
-    sources = _sources(name, models, recipe)
-    shape = _check_shapes(name, models, sources, anchor, recipe.release)
+    sources = _sources(planned, models, recipe)
+    anchor = recipe.base_model if recipe.base_model in sources else next(iter(sources))
+    shape = _check_shapes(planned.name, models, sources, anchor, recipe.release)
     stored = {ref: models[ref].info(src).dtype for ref, src in sources.items() if src}
     base_dtype = stored.get(recipe.base_model) if recipe.base_model else None
     compute = _compute_dtype(recipe, list(stored.values()), base_dtype)
     out = recipe.out_dtype or recipe.method.result_dtype(compute)
-    return TensorPlan(name, shape, compute, ST_NAMES[out],
-                      gradient_t(name, num_layers, recipe.release), sources, stored)
+    return TensorPlan(planned.name, shape, compute, ST_NAMES[out], planned.t, sources, stored,
+                      planned.slice)
 
 
 def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
                out_shard_size: int = DEFAULT_SHARD_SIZE) -> Plan:
     """Decide every output tensor's inputs, dtype and shard from the input headers alone."""
+    from remerge.merge.model_files import check_config
+
+    check_config(recipe, folders)  # a config.json mergekit fails to write: refused before merging
     models = open_models(recipe, folders)
-    num_layers = _num_layers(models[recipe.base_model or recipe.inputs[0]])
-    tensors = {name: plan_tensor_layout(name, recipe, models, num_layers)
-               for name in output_names(recipe, models)}
+    layers = {ref: _num_layers(folder) for ref, folder in models.items()}
+    planned = plan_layout(recipe, models, layers)
+    tensors = {p.name: plan_tensor_layout(p, recipe, models) for p in planned}
     for folder in models.values():
         folder.close()
+    order = save_order(recipe.release, [
+        (p.name, [Read(ref, asked, tensors[p.name].sources[ref]) for ref, asked in p.reads.items()])
+        for p in planned])
+    tensors = {name: tensors[name] for name in order}
     return Plan(
         version=recipe.release.version, method=recipe.method.name, base_model=recipe.base_model,
         models={ref: str(folders[ref]) for ref in recipe.inputs}, dtype=recipe.dtype,
         out_dtype=recipe.out_dtype, shards=cut_shards(tensors.values(), out_shard_size),
-        tensors=tensors,
+        tensors=tensors, slices=slice_layout(recipe),
     )
 
 

@@ -1,9 +1,14 @@
 """mergekit YAML recipes: parsing, validation and per-tensor parameter resolution.
 
 A recipe is taken verbatim (the text goes into `mergekit_config.yml` unchanged). We support
-the `models:` form with one merge method over whole models; anything else (slices, modules,
-tokenizer merging, LoRA references, methods we do not implement) is refused with a message,
-never approximated.
+both of mergekit's forms with one merge method: `models:` (whole models) and `slices:` (layer
+ranges of models, stacked: frankenmerges, and LazyMergekit's slerp). Anything else (`modules`,
+tokenizer merging, LoRA references, a per-slice base, methods we do not implement) is refused
+with a message, never approximated.
+
+mergekit plans a `models:` recipe as one slice of every model's layers, the base appended
+when not listed (`Recipe.output_slices`); the plan and the parameters read the slices only,
+so both forms go through the same code.
 
 mergekit releases give different bytes for some recipes. `Recipe.release` says whose
 semantics to follow (`remerge.merge.releases`): the default release unless told otherwise; a
@@ -17,6 +22,7 @@ import difflib
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,11 +37,15 @@ log = logging.getLogger(__name__)
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                  "float": "float32"}
-TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype"}
+TOP_LEVEL_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype",
+                  "out_dtype"}
+SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 # Keys mergekit knows that we refuse rather than approximate, with the reason.
 UNSUPPORTED_KEYS = {
-    "slices": "slices (layer ranges) are not supported; list whole models under `models:`",
-    "modules": "modules are not supported; list whole models under `models:`",
+    "modules": "`modules:` (per-module slices, for models of several modules) is not "
+    "supported; write the layers of a one-module model under `slices:`, or whole models under "
+    "`models:`",
     "tokenizer_source": "tokenizer merging is not supported (it permutes embeddings); remove "
     "`tokenizer_source` to copy the base model's tokenizer as mergekit does by default",
     "tokenizer": "tokenizer merging is not supported; remove the `tokenizer:` section",
@@ -56,24 +66,78 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """One source of a slice: layers [start, end) of a model, and its own parameter settings."""
+
+    model: str
+    layer_range: tuple[int, int] | None  # None: all of the model's layers (the `models:` form)
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+    def length(self) -> int | None:
+        return None if self.layer_range is None else self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """One entry of `slices:`: output layers made from as many layers of each source."""
+
+    sources: tuple[SliceSource, ...]
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(s.model for s in self.sources)
+
+
+@dataclass(frozen=True)
 class Recipe:
     text: str  # the YAML exactly as given
     method: MethodSpec
-    entries: tuple[ModelEntry, ...]  # as listed, duplicates kept
+    entries: tuple[ModelEntry, ...]  # `models:` as listed, duplicates kept (empty with slices)
     base_model: str | None
     parameters: Mapping[str, Setting]
     dtype: str | None
     out_dtype: str | None
     release: Release  # the mergekit release whose semantics to follow
+    slices: tuple[OutputSlice, ...] | None = None  # `slices:` as listed (None: `models:`)
 
     @property
     def version(self) -> str:
         return self.release.version
 
+    @cached_property  # read once per parameter of every tensor
+    def output_slices(self) -> tuple[OutputSlice, ...]:
+        """The slices mergekit plans: the recipe's own, or for `models:` one slice of every
+        model's layers, with the base appended (without parameters) when it is not listed."""
+        if self.slices is not None:
+            return self.slices
+        sources = [SliceSource(e.model, None, e.parameters) for e in self.entries]
+        if self.base_model is not None and self.base_model not in [e.model for e in self.entries]:
+            sources.append(SliceSource(self.base_model, None))
+        return (OutputSlice(tuple(sources)),)
+
+    def post_sources(self) -> tuple[SliceSource, ...]:
+        """The sources of the tensors after the layers (final norm, lm_head): the last slice's,
+        as many of them as the release takes (`Release.post_weight_sources`)."""
+        first, last = self.output_slices[0], self.output_slices[-1]
+        if self.release.post_weight_sources == "first_slice_count":
+            return last.sources[:len(first.sources)]
+        return last.sources
+
+    @property
+    def layer_count(self) -> int | None:
+        """The merge's number of layers for `slices:`, as mergekit writes `num_hidden_layers`:
+        the sum of the slices' lengths; None for `models:` (the donor's own count stays)."""
+        if self.slices is None:
+            return None
+        return sum(sl.sources[0].length() for sl in self.slices)
+
     @property
     def inputs(self) -> tuple[str, ...]:
         """Distinct models in recipe order, the base last if it is not listed (mergekit's order)."""
-        refs = list(dict.fromkeys(e.model for e in self.entries))
+        listed = [s.model for sl in self.slices for s in sl.sources] if self.slices is not None \
+            else [e.model for e in self.entries]
+        refs = list(dict.fromkeys(listed))
         if self.base_model is not None and self.base_model not in refs:
             refs.append(self.base_model)
         return tuple(refs)
@@ -95,7 +159,8 @@ class Recipe:
         """The same recipe with model references renamed (e.g. config names -> hub ids)."""
         data = yaml.safe_load(self.text)
         rename = lambda ref: mapping.get(ref, ref)  # noqa: E731
-        for entry in data["models"]:
+        entries = data.get("models") or [src for sl in data["slices"] for src in sl["sources"]]
+        for entry in entries:
             entry["model"] = rename(entry["model"])
         if data.get("base_model") is not None:
             data["base_model"] = rename(data["base_model"])
@@ -132,7 +197,8 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
         raise RecipeError("a recipe is a YAML mapping with `models`, `merge_method`, ...")
     _check_keys(data)
     method = get_method(data.get("merge_method"))
-    entries = tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
+    sliced = "slices" in data
+    entries = () if sliced else tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
     base = _reference(data.get("base_model"), "base_model") if data.get("base_model") else None
     recipe = Recipe(
         text=text,
@@ -143,18 +209,21 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
         dtype=_dtype(data.get("dtype"), "dtype"),
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
         release=get_release(),
+        slices=_slices(data["slices"]) if sliced else None,
     )
     recipe = _with_release(recipe, version)
     _check_inputs(recipe)
     _check_parameter_names(recipe, strict)
-    if not recipe.mergers:
+    if not sliced and not recipe.mergers:
         raise RecipeError("the recipe merges nothing: list at least one model besides the base")
     return recipe
 
 
 def _check_inputs(recipe: Recipe) -> None:
-    """The method's input contract, as mergekit checks it before reading any tensor (the base
-    counts as an input; mergekit appends it to the models when it is not listed)."""
+    """The method's input contract, as mergekit checks it before reading any tensor: for
+    `models:` over all inputs (the base counts as one; mergekit appends it to the models when
+    it is not listed), for `slices:` in every slice (mergekit appends nothing there), and in
+    the group of the tensors after the layers."""
     method, release = recipe.method, recipe.release
     if method.name not in release.methods:
         raise RecipeError(
@@ -164,19 +233,48 @@ def _check_inputs(recipe: Recipe) -> None:
         )
     if method.needs_base and recipe.base_model is None:
         raise RecipeError(f"merge_method {method.name} needs `base_model`")
-    non_base = [m for m in recipe.inputs if m != recipe.base_model]
-    for what, refs, (low, high) in (("inputs", recipe.inputs, method.inputs),
-                                    ("non-base inputs", non_base, method.non_base)):
-        if len(refs) >= low and (high is None or len(refs) <= high):
+    if recipe.slices is None:
+        _check_group(method, recipe.inputs, recipe.base_model, "`models`", "the recipe", "")
+        return
+    for i, sl in enumerate(recipe.slices):
+        _check_group(method, sl.models, recipe.base_model, f"`slices[{i}].sources`", "the slice",
+                     f" for default.slices[{i}]")
+    post = tuple(s.model for s in recipe.post_sources())
+    if post != recipe.slices[-1].models:
+        _check_group(method, post, recipe.base_model, "`slices`", "the tensors after the layers "
+                     f"(final norm, lm_head; mergekit {release.version} takes the first "
+                     f"{len(post)} sources of the last slice, as many as the first slice has)",
+                     " for lm_head.weight")
+
+
+def _check_group(method: MethodSpec, refs: tuple[str, ...], base: str | None, where: str,
+                 whose: str, group: str) -> None:
+    """One group of inputs against the method's contract, in mergekit 0.1.5's order and
+    wording (`group`: how mergekit names the group, e.g. ' for default.slices[1]')."""
+    dups = [ref for i, ref in enumerate(refs) if ref in refs[:i]]
+    if dups:
+        raise RecipeError(
+            f"{where}: model {dups[0]} is listed twice; list each model once per slice (mergekit "
+            f"0.1.5: 'Duplicate merge inputs{group}'; 0.0.5.1 silently kept one of them)")
+    if group and method.uses_base and base is not None and base not in refs:
+        raise RecipeError(
+            f"{where}: base_model {base} is not among the sources of {whose} ({', '.join(refs)}); "
+            f"merge_method {method.name} reads the base in every slice: list `- model: {base}` "
+            f"there with the slice's layer_range, or make base_model one of the sources "
+            f"(mergekit: 'Base input is not present in merge inputs{group}')")
+    non_base = [m for m in refs if not (method.uses_base and m == base)]
+    for what, group_refs, (low, high) in (("inputs", refs, method.inputs),
+                                          ("non-base inputs", non_base, method.non_base)):
+        if len(group_refs) >= low and (high is None or len(group_refs) <= high):
             continue
         # mergekit's wording: "at least" below the minimum, "exactly"/"at most" above the maximum
-        rule = (f"at least {low}" if len(refs) < low else
+        rule = (f"at least {low}" if len(group_refs) < low else
                 f"exactly {high}" if low == high else f"at most {high}")
-        listed = ", ".join(refs) or "none"
-        base = (" (the base counts as one)" if what == "inputs" and method.uses_base else "")
+        listed = ", ".join(group_refs) or "none"
+        counted = (" (the base counts as one)" if what == "inputs" and method.uses_base else "")
         raise RecipeError(
-            f"`models`: merge_method {method.name} takes {rule} {what}{base}; the recipe has "
-            f"{len(refs)}: {listed} (mergekit: 'Merge method requires {rule} {what}')"
+            f"{where}: merge_method {method.name} takes {rule} {what}{counted}; {whose} has "
+            f"{len(group_refs)}: {listed} (mergekit: 'Merge method requires {rule} {what}{group}')"
         )
 
 
@@ -193,8 +291,12 @@ def _check_keys(data: Mapping[str, Any]) -> None:
         if key not in TOP_LEVEL_KEYS:
             allowed = ", ".join(sorted(TOP_LEVEL_KEYS))
             raise RecipeError(f"unknown key `{key}` (allowed: {allowed})")
-    if "models" not in data:
-        raise RecipeError("missing `models:` (the list of models to merge)")
+    if "models" in data and "slices" in data:
+        raise RecipeError("`models` and `slices` together: give one of them (`models:` merges whole "
+                          "models, `slices:` layer ranges) (mergekit: 'Exactly one of 'models', "
+                          "'slices', or 'modules' must be present')")
+    if "models" not in data and "slices" not in data:
+        raise RecipeError("missing `models:` (the list of models to merge) or `slices:` (layer ranges)")
 
 
 def _models_list(data: Mapping[str, Any]) -> list[Any]:
@@ -213,6 +315,62 @@ def _entry(index: int, raw: Any) -> ModelEntry:
         raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: model, parameters)")
     model = _reference(raw["model"], f"{where}.model")
     return ModelEntry(model=model, parameters=_parameters(raw.get("parameters"), where))
+
+
+def _slices(raw: Any) -> tuple[OutputSlice, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("`slices:` must be a non-empty list of `- sources: [...]` entries")
+    return tuple(_slice(i, s) for i, s in enumerate(raw))
+
+
+def _slice(index: int, raw: Any) -> OutputSlice:
+    """One slice: every source must cover as many layers (mergekit checks it while planning)."""
+    where = f"slices[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+        raise RecipeError(f"{where} must be a mapping with a non-empty `sources:` list of "
+                          "`- model: ..., layer_range: [start, end]` entries")
+    unknown = set(raw) - SLICE_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: sources, parameters)")
+    if raw.get("base_model") is not None:
+        raise RecipeError(f"{where}.base_model: a per-slice base is not supported; set the "
+                          "top-level `base_model` (and list it in every slice's sources)")
+    if "residual_weight" in raw:
+        log.warning("%s.residual_weight is ignored: mergekit reads it nowhere; so does remerge", where)
+    sources = tuple(_source(f"{where}.sources[{j}]", s) for j, s in enumerate(raw["sources"]))
+    lengths = {s.length() for s in sources}
+    if len(lengths) > 1:
+        spans = ", ".join(f"{s.model} {list(s.layer_range)}: {s.length()}" for s in sources)
+        raise RecipeError(
+            f"{where}: its sources cover different numbers of layers ({spans}); every source of "
+            "a slice needs as many layers (mergekit: 'All inputs to a slice must contain the same "
+            "number of layers')")
+    return OutputSlice(sources, _parameters(raw.get("parameters"), where))
+
+
+def _source(where: str, raw: Any) -> SliceSource:
+    if not isinstance(raw, dict) or "model" not in raw or "layer_range" not in raw:
+        raise RecipeError(f"{where} must be a mapping with `model:` and `layer_range: [start, end]`")
+    unknown = set(raw) - SOURCE_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: model, layer_range, "
+                          "parameters)")
+    model = _reference(raw["model"], f"{where}.model")
+    return SliceSource(model, _layer_range(raw["layer_range"], f"{where}.layer_range"),
+                       _parameters(raw.get("parameters"), where))
+
+
+def _layer_range(value: Any, where: str) -> tuple[int, int]:
+    """[start, end): layers start..end-1 of the model. mergekit also takes end < start (it then
+    writes a num_hidden_layers that disagrees with the tensors); remerge refuses that."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise RecipeError(f"{where} must be two layer numbers [start, end] (end excluded), not {value!r}")
+    start, end = value
+    if start < 0 or end < start:
+        raise RecipeError(f"{where} {value}: layers run from start (0 or more) up to end "
+                          "(excluded, end >= start), e.g. [0, 16]")
+    return (start, end)
 
 
 _REF_RE = re.compile(r"^[^\s+]([^+]*[^\s+])?$")  # local paths may hold spaces (D:/My Models/x)
@@ -299,6 +457,10 @@ def _check_parameter_names(recipe: Recipe, strict: bool) -> None:
     method, release = recipe.method, recipe.release
     places: list[tuple[str, Mapping[str, Setting]]] = [("parameters", recipe.parameters)]
     places += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.entries)]
+    for i, sl in enumerate(recipe.slices or ()):
+        places.append((f"slices[{i}].parameters", sl.parameters))
+        places += [(f"slices[{i}].sources[{j}].parameters", s.parameters)
+                   for j, s in enumerate(sl.sources)]
     known = sorted(method.parameter_names)
     for where, params in places:
         for name in params:

@@ -49,6 +49,18 @@ class Release:
     task_arithmetic_lambda: bool  # `lambda` scales task arithmetic, TIES, DARE... (else ignored)
     gradient_t_after_layers: float  # layer position of tensors after the layers (norm, lm_head)
 
+    # slices
+    # the inputs of the tensors after the layers: the last slice's sources, "all" of them or
+    # "first_slice_count": only as many as the first slice has (0.1.5 zips the last slice's
+    # models with a list of the first slice's length)
+    post_weight_sources: str
+    # the order mergekit saves tensors in (which decides the shard cut and the index): by the
+    # name each reads, ties broken as its scheduler breaks them: "task_index" (by the indices
+    # of its task universe, explored through a set) | "reverse_plan" (the tensor planned last
+    # first) (remerge.merge.schedule)
+    save_ties: str
+    writer_priority: int  # the priority of mergekit's tensor-writer task in that scheduler
+
     # which tensors, in which dtype
     missing_dtype: str  # no `dtype:`: "base" (inputs cast to the base's dtype) | "promote"
     lm_head_fallback: str  # a model without lm_head.weight: "embedding" (its embed_tokens) | "skip"
@@ -94,6 +106,7 @@ RELEASES: dict[str, Release] = {
             version="0.0.5.1", verified=True,
             duplicate_inputs="count_once",
             task_arithmetic_lambda=False, gradient_t_after_layers=1.0,
+            post_weight_sources="all", save_ties="reverse_plan", writer_priority=0,
             missing_dtype="base", lm_head_fallback="skip", shape_mismatch="skip",
             linear_accumulator="compute", topk_at_least_one=False, breadcrumbs_band="slice",
             rescale="scale_then_mask", rescale_min_norm=1e-8, dare_rescale="inverse_density",
@@ -115,6 +128,7 @@ RELEASES: dict[str, Release] = {
             version="0.1.5", verified=True,
             duplicate_inputs="refuse",
             task_arithmetic_lambda=True, gradient_t_after_layers=0.0,
+            post_weight_sources="first_slice_count", save_ties="task_index", writer_priority=10000,
             missing_dtype="promote", lm_head_fallback="embedding", shape_mismatch="error",
             linear_accumulator="float32", topk_at_least_one=True, breadcrumbs_band="target",
             rescale="mask_then_scale", rescale_min_norm=1e-7, dare_rescale="l1_ratio",

@@ -1,9 +1,10 @@
-"""The streaming loop: one output shard, one tensor at a time.
+"""The streaming loop: one output shard, one tensor (or one chunk of rows) at a time.
 
-A shard job keeps the working set of one tensor (one tensor per input, the stacked task
-vectors and the result) and writes each result straight to its offset in the output file,
-so its memory does not grow with the shard. Computing tensor i+1 overlaps writing tensor i
-(the writer has its own thread).
+A shard job keeps the working set of one chunk (rows of each input, the stacked task vectors
+and the result; the whole tensor for tasks that are not elementwise, see
+`remerge.merge.tensor.choose_chunk_rows`) and writes each result straight to its offset in
+the output file, so its memory grows neither with the shard nor, for elementwise tasks, with
+the tensor. Computing chunk i+1 overlaps writing chunk i (the writer has its own thread).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from remerge.io.safetensors import ShardWriter
 from remerge.merge.kernels import native
 from remerge.merge.plan import Plan
 from remerge.merge.recipe import Recipe
-from remerge.merge.tensor import METHOD, merge_tensor, plan_tensor, use_torch_threads
+from remerge.merge.tensor import METHOD, merge_chunks, plan_tensor, use_torch_threads
 
 log = logging.getLogger(__name__)
 
-# Before a tensor this large, wait until the previous result is written (and freed).
+# Before a tensor (or chunk) this large, wait until the previous results are written (and
+# freed). Chunks are smaller (`remerge.merge.tensor.CHUNK_ELEMENTS`): the writer's queue alone
+# bounds them.
 LARGE_TENSOR_BYTES = 32 * 1024**2
 
 
@@ -49,9 +52,10 @@ def merge_shard(
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             ShardWriter(out_path, layout, metadata={"format": "pt"}, digests=digests) as writer:
         for i, task in enumerate(tasks, 1):
-            if task.nbytes >= LARGE_TENSOR_BYTES:
+            if task.chunk_nbytes >= LARGE_TENSOR_BYTES:
                 writer.wait()  # a large working set: do not hold the previous result too
-            writer.write_raw(task.name, merge_tensor(task, models, pool))
+            for start, data in merge_chunks(task, models, pool):
+                writer.write_raw(task.name, data, start)
             log.debug("shard %d: %d/%d %s", index + 1, i, len(tasks), task.name)
     for folder in models.values():
         folder.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ import yaml
 
 from remerge.errors import RemergeError
 from remerge.merge.methods import MethodSpec, get_method
-from remerge.merge.recipe import dump_recipe, parse_recipe
+from remerge.merge.plan import TensorPlan
+from remerge.merge.recipe import Recipe, dump_recipe, parse_recipe
 from remerge.merge.releases import VERSIONS, get_release
+from remerge.merge.tensor import plan_tensor
 from remerge.workflow.paths import DEMO_MODEL, HUB_SNAPSHOT, path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -342,25 +345,40 @@ def _check_values(recipe, where: str) -> None:
 BASELINE_MB = 500  # python + torch + safetensors in a fresh process
 
 
-def shard_mem_mb(plan: Mapping[str, Any], shard: str, attempt: int = 1) -> int:
-    """Memory a merge_shard job needs: the working set of its largest tensor, plus baseline.
+def shard_mem_mb(plan: Mapping[str, Any], shard: str, attempt: int = 1, recipe: str | None = None,
+                 version: str | None = None) -> int:
+    """Memory a merge_shard job needs: the working set of its largest chunk, plus baseline.
 
-    Per element of that tensor, with m merged models and c bytes per element of the compute
+    A chunk is what the job computes at once: a tensor, or, for the tasks the merge cuts into
+    runs of rows (`remerge.merge.tensor.choose_chunk_rows`: elementwise ones, such as TIES at
+    density 1, larger than `CHUNK_ELEMENTS`), one run. Which tasks are cut depends on the
+    recipe's values for each tensor, so with `recipe` (the grid point's recipe text, followed
+    as mergekit `version`) each task is planned; without it every tensor counts whole (an
+    upper bound).
+
+    Per element of that chunk, with m merged models and c bytes per element of the compute
     dtype: the m task vectors, their signs during the election and the int8 signs (m x (2c+1)),
     the base and the result (2c), and the selection kernel's scratch (8). Inputs are mapped
     one at a time, not copied. Measured: about 10 bytes per element for m = 2 in bf16, where
-    this declares 22 (a killed job is retried with half as much again per attempt).
+    this declares 22 (a killed job is retried with half as much again per attempt). The
+    results a chunked job's writer still holds (two chunks) fit in the baseline.
     """
     index = shard_names(plan).index(shard)
     tensors = {t["name"]: t for t in plan["tensors"]}
     merged = len(plan["models"]) - (1 if plan.get("base_model") else 0)
     width = {"bfloat16": 2, "float16": 2, "float32": 4}
+    parsed = parse_recipe(recipe, version=version) if recipe is not None else None
     largest = 0
     for name in plan["shards"][index]:
         t = tensors[name]
-        numel = 1
-        for d in t["shape"]:
-            numel *= d
         c = width.get(t["compute_dtype"], 8)
-        largest = max(largest, numel * (merged * (2 * c + 1) + 2 * c + 8))
+        largest = max(largest, _chunk_numel(t, parsed) * (merged * (2 * c + 1) + 2 * c + 8))
     return int((BASELINE_MB + largest / 1e6) * (1 + 0.5 * (attempt - 1))) + 1
+
+
+def _chunk_numel(tensor: Mapping[str, Any], recipe: Recipe | None) -> int:
+    """Elements of a plan's tensor computed at once: as the merge plans its task with this
+    recipe, or all of them without one."""
+    if recipe is None:
+        return math.prod(tensor["shape"])
+    return plan_tensor(recipe, TensorPlan(**{**tensor, "shape": tuple(tensor["shape"])})).chunk_numel

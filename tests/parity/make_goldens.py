@@ -66,6 +66,9 @@ VERSIONS = {
 # (CPU, --copy-tokenizer, model card, 5B shard size, no --allow-crimes, no --random-seed).
 RECIPE_OPTIONS = {
     "ties_multishard_2k": ["--out-shard-size", "2K"],
+    # frankenmerges: the save order of tensors that read the same name decides the cut
+    "slices_passthrough_frankenmerge_2k": ["--out-shard-size", "2K"],
+    "slices_passthrough_deep_3k": ["--out-shard-size", "3K"],
     # random methods: seeded so that the goldens are repeatable (remerge seeds per tensor, so
     # it does not compare these bytes; they serve statistics tests)
     "della_seed_bf16": ["--random-seed", "42"],
@@ -107,6 +110,11 @@ MODEL_SPECS = {
     "copy": ("base", "bf16", False, 1, 50, ()),  # every tensor = base's (parallel)
     "neg": ("neg", "bf16", False, 1, 51, ()),  # every tensor = -base (antipodal)
     "near": ("near", "bf16", False, 1, 52, ()),  # base + a tiny perturbation, see near_delta_values
+    # Qwen2-shaped (q/k/v biases; config.json with `layer_types`, as transformers >= 4.53
+    # writes it) for slices that change the layer count; bias values come from streams keyed
+    # by their own names, so the models above do not change
+    "qwen_a": ("ft_a", "bf16", False, 1, 60, ("qwen2", "tokenizer")),
+    "qwen_b": ("ft_b", "bf16", False, 1, 61, ("qwen2",)),
 }
 
 # a tensor whose fine-tuned value is exactly the base value
@@ -119,10 +127,16 @@ BADSHAPE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 MISSING_TENSOR = "model.layers.1.mlp.up_proj.weight"
 
 
-def tensor_shapes(tied: bool) -> list:
+def tensor_shapes(tied: bool, biases: bool = False) -> list:
     shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(LAYERS):
         p = f"model.layers.{i}."
+        if biases:  # Qwen2's attention biases
+            shapes += [
+                (p + "self_attn.q_proj.bias", (HEADS * HEAD_DIM,)),
+                (p + "self_attn.k_proj.bias", (KV_HEADS * HEAD_DIM,)),
+                (p + "self_attn.v_proj.bias", (KV_HEADS * HEAD_DIM,)),
+            ]
         shapes += [
             (p + "input_layernorm.weight", (HIDDEN,)),
             (p + "self_attn.q_proj.weight", (HEADS * HEAD_DIM, HIDDEN)),
@@ -244,6 +258,37 @@ def model_config(spec_dtype: str, tied: bool, marker: int) -> dict:
     }
 
 
+def qwen2_config(marker: int) -> dict:
+    """A Qwen2 config.json of the same sizes, with the per-layer `layer_types` list."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.02,
+        "intermediate_size": INTERMEDIATE,
+        "layer_types": ["full_attention"] * LAYERS,
+        "max_position_embeddings": 64 + marker,
+        "max_window_layers": LAYERS,
+        "model_type": "qwen2",
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": VOCAB,
+    }
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -311,7 +356,7 @@ def build_models(out: Path) -> None:
         folder = out / model
         folder.mkdir()
         tensors = {}
-        for name, shape in tensor_shapes(tied):
+        for name, shape in tensor_shapes(tied, biases="qwen2" in extras):
             if "missing" in extras and name == MISSING_TENSOR:
                 continue
             t = master(stream, name, shape).to(dtypes[sdt])
@@ -344,7 +389,8 @@ def build_models(out: Path) -> None:
                     "weight_map": dict(sorted(weight_map.items())),
                 },
             )
-        write_json(folder / "config.json", model_config(sdt, tied, marker))
+        config = qwen2_config(marker) if "qwen2" in extras else model_config(sdt, tied, marker)
+        write_json(folder / "config.json", config)
         if "tokenizer" in extras:
             write_tokenizer(folder, marker)
         if "generation_config" in extras:

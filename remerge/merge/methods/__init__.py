@@ -76,6 +76,11 @@ class MethodSpec:
     # True when, for this tensor, the whole computation is `base + (x - base)` in the compute
     # dtype (the torch-free fused kernel may then compute it)
     is_plain_difference: Callable[["TensorTask"], bool] = lambda task: False
+    # True when, for this tensor, each output element is a function of the same element of
+    # every input alone (no norm, rank, mean or random draw over the tensor): then a run of
+    # rows computed alone gives the very bytes of the whole computation there, and the tensor
+    # may be computed in chunks (`remerge.merge.tensor.choose_chunk_rows`)
+    is_elementwise: Callable[["TensorTask"], bool] = lambda task: False
     # the dtype the method's result has, from the compute dtype (most: the same)
     result_dtype: Callable[[str], str] = lambda compute: compute
     card_base: bool = True  # the card says "using <base> as a base" (else lists it as merged)

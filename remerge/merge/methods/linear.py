@@ -58,5 +58,6 @@ SPECS = (
             Parameter("normalize", "global", True, kind="flag", doc="divide by the sum of the weights"),
         ),
         base="ignored", random=False, merge=merge,
+        is_elementwise=lambda task: True,  # a weighted sum per element, in either release
     ),
 )

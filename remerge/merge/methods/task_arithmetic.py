@@ -217,20 +217,42 @@ def _spec(name: str, pretty: str, paper: str, steps: Steps, normalize: bool, res
         name=name, pretty_name=pretty, paper=paper, family=__name__, parameters=per_model + flags,
         base="required", random=steps.sparsification in RANDOM_KINDS, merge=partial(merge, steps),
         is_plain_difference=partial(is_plain_difference, steps),
+        is_elementwise=partial(is_elementwise, steps),
     )
 
 
+# what distinguishes each method of the family, by name (the audit of random merges reads it)
+STEPS = {
+    "ties": Steps("magnitude", True),
+    "task_arithmetic": Steps(None, False),
+    "breadcrumbs": Steps("magnitude_outliers", False),
+    "breadcrumbs_ties": Steps("magnitude_outliers", True),
+    "dare_ties": Steps("random", True),
+    "dare_linear": Steps("random", False),
+    "della": Steps("della_magprune", True),
+    "della_linear": Steps("della_magprune", False),
+}
+
+
+def is_elementwise(steps: Steps, task: "TensorTask") -> bool:
+    """No model's task vector is sparsified (density 1 for all, or no sparsification): then
+    every step is per element (differences, weights, TIES' sign election and its masked
+    weight sum are per element across the models; normalize and lambda too), and no random
+    number is drawn. A magnitude cut, an L1 rescale or a DELLA rank needs the whole tensor."""
+    return not any(sparsifies(steps.sparsification, p) for p in task.params)
+
+
 SPECS = (
-    _spec("ties", "TIES", TIES_PAPER, Steps("magnitude", True), normalize=True, rescale=False),
+    _spec("ties", "TIES", TIES_PAPER, STEPS["ties"], normalize=True, rescale=False),
     _spec("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
-          Steps(None, False), normalize=False, rescale=False),
+          STEPS["task_arithmetic"], normalize=False, rescale=False),
     _spec("breadcrumbs", "Model Breadcrumbs", BREADCRUMBS_PAPER,
-          Steps("magnitude_outliers", False), normalize=False, rescale=False),
+          STEPS["breadcrumbs"], normalize=False, rescale=False),
     _spec("breadcrumbs_ties", "Model Breadcrumbs with TIES", BREADCRUMBS_PAPER,
-          Steps("magnitude_outliers", True), normalize=False, rescale=False),
-    _spec("dare_ties", "DARE TIES", DARE_PAPER, Steps("random", True), normalize=False, rescale=True),
-    _spec("dare_linear", "Linear DARE", DARE_PAPER, Steps("random", False), normalize=False, rescale=True),
-    _spec("della", "DELLA", DELLA_PAPER, Steps("della_magprune", True), normalize=True, rescale=True),
-    _spec("della_linear", "Linear DELLA", DELLA_PAPER, Steps("della_magprune", False),
+          STEPS["breadcrumbs_ties"], normalize=False, rescale=False),
+    _spec("dare_ties", "DARE TIES", DARE_PAPER, STEPS["dare_ties"], normalize=False, rescale=True),
+    _spec("dare_linear", "Linear DARE", DARE_PAPER, STEPS["dare_linear"], normalize=False, rescale=True),
+    _spec("della", "DELLA", DELLA_PAPER, STEPS["della"], normalize=True, rescale=True),
+    _spec("della_linear", "Linear DELLA", DELLA_PAPER, STEPS["della_linear"],
           normalize=False, rescale=True),
 )
