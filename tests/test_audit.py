@@ -181,3 +181,38 @@ def test_one_prefix_map_resolves_three_models_and_the_report_shows_each(tmp_path
     md = (out / "audit.md").read_text()
     for n in ("ft1", "ft2", "base"):
         assert f"`{author}/{n}` -> `{tmp_path / 'ours'}/{n}` (mapped by folder prefix {author}=" in md
+
+
+PARITY = Path(__file__).resolve().parent / "parity"
+
+
+def audit_golden(recipe_name: str, tmp_path, recipe_text: str | None = None) -> tuple[int, dict, str]:
+    """Audit a merge made by the real mergekit 0.1.5 with --random-seed 42 (remerge is not
+    told the seed), its `./models/...` references mapped by one folder prefix."""
+    args = ["audit", str(PARITY / "goldens" / "0.1.5" / recipe_name), str(tmp_path / "audit"),
+            "--path-map", f"./models={PARITY / 'models'}"]
+    if recipe_text is not None:
+        (tmp_path / "card.yml").write_text(recipe_text)
+        args += ["--recipe", str(tmp_path / "card.yml")]
+    code = main(args)
+    return code, json.loads((tmp_path / "audit" / "audit.json").read_text()), \
+        (tmp_path / "audit" / "audit.md").read_text()
+
+
+def test_a_seeded_dare_ties_merge_audits_as_consistent_element_by_element(tmp_path):
+    code, report, md = audit_golden("dare_ties_seed_bf16", tmp_path)
+    assert code == 0
+    assert report["verdict"] == "consistent with the recipe (random method, checked element by element)"
+    assert "element by element" in report["basis"]
+    assert report["elementwise"]["tensors"] > 0 and not report["elementwise"]["problems"]
+    assert not report["tensors"]["extra"] and not report["tensors"]["missing"]
+    assert "## Random draws, element by element" in md
+
+
+def test_a_card_stating_the_wrong_density_audits_as_inconsistent(tmp_path):
+    recipe = (PARITY / "recipes" / "dare_ties_seed_bf16.yml").read_text().replace("density: 0.5", "density: 0.9")
+    code, report, md = audit_golden("dare_ties_seed_bf16", tmp_path, recipe)
+    assert code == 1 and report["verdict"] == "inconsistent"
+    problems = report["elementwise"]["problems"]
+    assert any(p.startswith("tensor model.") and "kept" in p and "density 0.9" in p for p in problems)
+    assert "Problems:" in md

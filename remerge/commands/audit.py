@@ -1,6 +1,7 @@
 """`remerge audit PUBLISHED OUT_DIR`: re-run a published merge from its recipe, compare bit by bit.
 
-Exit status: 0 when the tensors are bit-identical, 1 when they differ, 2 on an error.
+Exit status: 0 when the tensors are bit-identical (or, for a random method, consistent with the
+recipe element by element), 1 when they differ, 2 on an error.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from remerge.commands import add_models_dir_option, add_version_option
 from remerge.errors import AuditError
-from remerge.provenance.audit import BIT_IDENTICAL, CONFIGS_DIFFER, run_audit
+from remerge.provenance.audit import BIT_IDENTICAL, CONFIGS_DIFFER, CONSISTENT, run_audit
 
 log = logging.getLogger(__name__)
 
@@ -55,4 +56,4 @@ def run(args: argparse.Namespace) -> int:
                        args.mergekit_version, args.models_dir, args.out_dir, infer=args.infer,
                        candidates=args.candidate, base=args.base)
     print(f"{args.published}: {report['verdict']}")
-    return 0 if report["verdict"] in (BIT_IDENTICAL, CONFIGS_DIFFER) else 1
+    return 0 if report["verdict"] in (BIT_IDENTICAL, CONFIGS_DIFFER, CONSISTENT) else 1

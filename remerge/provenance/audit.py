@@ -11,7 +11,13 @@
    the published tensor's; compare the json files key by key with what the recipe (and an
    optional config transplant) produces (`remerge.provenance.compare`).
 
-Verdicts: "bit-identical", "same tensors, different config files", "different tensors".
+   Tensors a random method drew (DARE, DELLA; mergekit's seed is rarely known) are checked
+   element by element instead (`remerge.provenance.elementwise`): every element one of the
+   values the recipe allows, and each model's kept share consistent with its density.
+
+Verdicts: "bit-identical", "same tensors, different config files", "different tensors", and
+for random methods "consistent with the recipe (random method, checked element by element)"
+or "inconsistent". The report says what each rests on (`basis`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Callable, Mapping
 from remerge.errors import AuditError
 from remerge.io.files import write_json_atomic, write_text_atomic
 from remerge.io.layout import INDEX_NAME
+from remerge.provenance import elementwise
 from remerge.provenance.compare import compare_json_files, compare_tensors, load_json
 from remerge.provenance.recovery import find_recipe
 
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "remerge.audit/1"
 BIT_IDENTICAL = "bit-identical"
+CONSISTENT = elementwise.CONSISTENT  # random methods, element by element
+INCONSISTENT = elementwise.INCONSISTENT
 CONFIGS_DIFFER = "same tensors, different config files"
 TENSORS_DIFFER = "different tensors"
 
@@ -127,12 +136,30 @@ def recorded_version(published: Path) -> str | None:
         return None
 
 
-def verdict(tensors: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+def verdict(tensors: Mapping[str, Any], files: Mapping[str, Any],
+            checks: Mapping[str, Any] | None = None) -> str:
+    """The tensors first (bytes, then the element-by-element checks of random draws), then
+    the json files."""
     if tensors["differing"] or tensors["missing"] or tensors["extra"]:
         return TENSORS_DIFFER
+    if checks is not None:
+        return checks["verdict"]  # consistent or inconsistent; files are reported apart
     if files["differing"] or files["missing"] or files["extra"]:
         return CONFIGS_DIFFER
     return BIT_IDENTICAL
+
+
+def _check_drawn(tasks, models, theirs, tensors: dict[str, Any]):
+    """Element-by-element checks of the tensors a random method drew (a tensor the published
+    model lacks is listed as missing)."""
+    from remerge.merge.tensor import TensorInputs
+
+    for task in tasks:
+        if not theirs.has(task.name):
+            tensors["missing"].append(task.name)
+            continue
+        tensors["compared_elementwise"] = tensors.get("compared_elementwise", 0) + 1
+        yield elementwise.check_tensor(task, TensorInputs(task, models), theirs.load(task.name))
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -165,6 +192,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                        ("Extra tensors (published, not made by the recipe)", "extra")):
         if t[key]:
             lines += [f"## {title}", "", *[f"- {n}" for n in t[key]], ""]
+    if report.get("elementwise") is not None:
+        lines += elementwise_markdown(report["elementwise"])
     if "inference" in report:
         lines += inference_markdown(report["inference"], report["verdict"])
     lines += ["## Files", "", f"- identical: {', '.join(f['identical']) or 'none'}"]
@@ -177,6 +206,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if f["extra"]:
         lines.append(f"- only in the published model: {', '.join(f['extra'])}")
     return "\n".join(lines) + "\n"
+
+
+def elementwise_markdown(checks: Mapping[str, Any]) -> list[str]:
+    lines = ["## Random draws, element by element", "",
+             f"{checks['tensors']} tensors drawn at random were checked: every element must be one of "
+             "the values the recipe allows (one per subset of kept task-vector entries), and each "
+             f"model's kept share must fit its density (p below {checks['threshold']['per_test']:.3g} per "
+             f"test fails: {checks['threshold']['alpha']:g} over {checks['threshold']['tests']} tests).", ""]
+    for ref, m in (checks.get("models") or {}).items():
+        share = m.get("kept_share")
+        lines.append(f"- `{ref}`: " + (f"kept {share:.1%} of {m.get('tested', 0)} testable entries, "
+                                        f"density {m.get('expected_share', 0):.1%}, p = {m.get('p_value', 1):.3g}"
+                                        if share is not None else "no testable entry"))
+    if checks["problems"]:
+        lines += ["", "Problems:", "", *[f"- {p}" for p in checks["problems"][:50]]]
+    return lines + [""]
 
 
 def inference_markdown(inference: Mapping[str, Any], verdict_text: str) -> list[str]:
@@ -249,16 +294,25 @@ def audit_model(
     plan = plan_merge(recipe, folders)
     models = plan.open_models()
     theirs = ModelFolder(published, label=published_reference or str(published))
-    tasks = (plan_tensor(recipe, t) for t in plan.tensors.values())
+    tasks = [plan_tensor(recipe, t) for t in plan.tensors.values()]
+    # random draws (DARE, DELLA...): mergekit's seed is unknown, so those tensors are checked
+    # element by element against the values the recipe allows; every other one byte for byte
+    drawn = [t for t in tasks if elementwise.needs_check(t)]
+    exact = [t for t in tasks if not elementwise.needs_check(t)]
     # the pool runs the per-model sorts of sparsifying methods, as in a merge's shard job
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        tensors = compare_tensors(((task, merge_tensor(task, models, pool)) for task in tasks), theirs)
+        tensors = compare_tensors(((task, merge_tensor(task, models, pool)) for task in exact), theirs,
+                                  checked_apart=[t.name for t in drawn])
+    checks = None
+    if drawn:
+        checks = elementwise.summarize(_check_drawn(drawn, models, theirs, tensors))
     files = compare_json_files(expected_json(recipe, folders, donor_dir), published,
                                {ref: Path(f) for ref, f in folders.items()})
     return {
         "format": FORMAT,
         "published": {"reference": published_reference or str(published), "path": str(published)},
-        "verdict": verdict(tensors, files),
+        "verdict": verdict(tensors, files, checks),
+        "elementwise": checks,
         "recipe": {"source": recipe_source, "text": recipe_text, "merge_method": recipe.method.name,
                    "references": mapping, "resolution": resolved,
                    "transplant_from": transplant_from},
@@ -293,7 +347,7 @@ def infer_from_weights(published: Path, candidates: list[str], base: str | None,
 def basis(report: Mapping[str, Any]) -> str:
     """What the verdict rests on, in words."""
     how = "an inferred recipe (from the weights), re-merged" if "inference" in report else "the recipe, re-merged"
-    if report.get("elementwise"):
+    if report.get("elementwise") is not None:
         return f"{how}; a random method, so checked element by element against the values it allows"
     if report["verdict"] == TENSORS_DIFFER:
         return f"{how}: tensors compared byte for byte"

@@ -120,22 +120,38 @@ def outlier_mask(delta: "torch.Tensor", density: float, gamma: float, release: "
     return keep_mask(delta, dropped_positions(delta, band))
 
 
+def work_dtype(dtype: "torch.dtype") -> "torch.dtype":
+    """The dtype DARE and DELLA draw, mask and rescale in: bf16 stays bf16, any other dtype
+    becomes float32 (mergekit on the CPU: torch has no fp16 bernoulli there)."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def dare_probabilities(delta: "torch.Tensor", density: float) -> "torch.Tensor":
+    """DARE's keep probability of each entry: `density` in the work dtype (so 0.7 is
+    0.69921875 for bf16 deltas). Shape of `delta`."""
+    return torch.full(delta.shape, density, dtype=work_dtype(delta.dtype))
+
+
 def random_mask(delta: "torch.Tensor", density: float, seed: int) -> "torch.Tensor":
     """DARE: keep each entry with probability `density`, from a generator seeded per tensor.
 
     bf16 draws in bf16; other dtypes in float32 (torch has no fp16 bernoulli on the CPU).
     """
-    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
     generator = torch.Generator().manual_seed(seed)
-    probs = torch.full(delta.shape, density, dtype=work)
-    return torch.bernoulli(probs, generator=generator)
+    return torch.bernoulli(dare_probabilities(delta, density), generator=generator)
 
 
-def della_mask(delta: "torch.Tensor", density: float, epsilon: float, seed: int) -> "torch.Tensor":
-    """DELLA: each entry of a row kept with probability density - epsilon (smallest |delta|
-    of the row) to density + epsilon (largest), linear in its rank. In bf16 for bf16 deltas
-    (coarse ranks, as mergekit's), else float32. `delta` is at least 2-D here: (rows, n)."""
-    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
+def della_rows(delta: "torch.Tensor") -> "torch.Tensor":
+    """The rows DELLA ranks within: the tensor itself, a 1-D one as a single row (a view)."""
+    return delta if delta.dim() >= 2 else delta.unsqueeze(0)
+
+
+def della_probabilities(delta: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+    """DELLA's keep probability of each entry of a row: density - epsilon (smallest |delta|
+    of the row) to density + epsilon (largest), linear in its rank (ties ranked by torch's
+    sort, as mergekit's). In bf16 for bf16 deltas (coarse ranks, as mergekit's), else
+    float32. `delta` is at least 2-D here: (rows, n); the result has its shape."""
+    work = work_dtype(delta.dtype)
     if delta.shape[-1] < 2:
         raise RecipeError(f"della cannot rank rows of one element ({list(delta.shape)}); "
                           "mergekit 0.1.5 fails on such a tensor too (torch: 'Expected p_in >= 0')")
@@ -143,8 +159,13 @@ def della_mask(delta: "torch.Tensor", density: float, epsilon: float, seed: int)
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values
     position = ((ranks - low) / (high - low)).clamp(0, 1)
-    probs = (density - epsilon) + position * 2 * epsilon
-    return torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)).to(work)
+    return (density - epsilon) + position * 2 * epsilon
+
+
+def della_mask(delta: "torch.Tensor", density: float, epsilon: float, seed: int) -> "torch.Tensor":
+    """DELLA: each entry kept with its `della_probabilities`. `delta`: (rows, n)."""
+    probs = della_probabilities(delta, density, epsilon)
+    return torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)).to(probs.dtype)
 
 
 def _ratio_applies(before: "torch.Tensor", after: "torch.Tensor", release: "Release") -> bool:
@@ -155,15 +176,54 @@ def _ratio_applies(before: "torch.Tensor", after: "torch.Tensor", release: "Rele
     return not bool(before < low or after < low)
 
 
+def rescale_rule(kind: str | None, rescale: bool, release: "Release") -> str | None:
+    """How the kept entries of a task vector are rescaled: None (not at all), "l1_ratio"
+    (times |delta|_1 / |delta * mask|_1) or "inverse_density" (divided by the density:
+    DARE where the release says so)."""
+    if not rescale:
+        return None
+    return release.dare_rescale if kind == "random" else "l1_ratio"
+
+
+def l1_ratio(delta: "torch.Tensor", masked: "torch.Tensor", release: "Release") -> "torch.Tensor | None":
+    """|delta|_1 / |masked|_1 as a 0-d tensor of delta's dtype (each sum accumulated in
+    float32 and rounded once), or None where the release's test of the norms skips it."""
+    before, after = delta.abs().sum(), masked.abs().sum()
+    return before / after if _ratio_applies(before, after, release) else None
+
+
+def kept_entries(values: "torch.Tensor", rule: str | None, density: float | None = None,
+                 ratio: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """What the entries of a task vector are where its mask keeps them: `values` (the
+    entries, masked or not: a kept entry is itself times 1, exactly) rescaled by `rule`
+    (`rescale_rule`): unchanged, divided by `density`, or times `ratio` (`l1_ratio`: a 0-d
+    tensor, or one per entry, of values' dtype; None: the release skipped the rescale). One
+    rounding to values' dtype. The audit of random merges computes the candidates' values
+    with it (`remerge.provenance.elementwise`)."""
+    if rule == "inverse_density":
+        return values / density
+    if rule == "l1_ratio" and ratio is not None:
+        return values * ratio
+    return values
+
+
 def rescaled(delta: "torch.Tensor", mask: "torch.Tensor", release: "Release") -> "torch.Tensor":
     """`delta * mask` scaled to keep the L1 norm of `delta` (skipped for tiny norms)."""
     masked = delta * mask
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if not _ratio_applies(before, after, release):
+    ratio = l1_ratio(delta, masked, release)
+    if ratio is None:
         return masked
     if release.rescale == "scale_then_mask":
-        return (delta * (before / after)) * mask
-    return masked * (before / after)
+        return kept_entries(delta, "l1_ratio", ratio=ratio) * mask
+    return kept_entries(masked, "l1_ratio", ratio=ratio)
+
+
+def _masked(kept: "torch.Tensor", mask: "torch.Tensor", rule: str | None, density: float,
+            release: "Release") -> "torch.Tensor":
+    """A random kind's task vector (in the work dtype) after its mask and rescale."""
+    if rule == "l1_ratio":
+        return rescaled(kept, mask, release)
+    return kept_entries(kept * mask, rule, density)
 
 
 def sparsify(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any], rescale: bool,
@@ -173,22 +233,15 @@ def sparsify(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any],
     if not sparsifies(kind, params):
         return delta
     density = params["density"]
+    rule = rescale_rule(kind, rescale, release)
     if kind == "della_magprune":
-        rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+        rows = della_rows(delta)
         mask = della_mask(rows, density, params["epsilon"], seed)
-        kept = rows.to(mask.dtype)
-        out = rescaled(kept, mask, release) if rescale else kept * mask
+        out = _masked(rows.to(mask.dtype), mask, rule, density, release)
         return out.to(delta.dtype).reshape(delta.shape)
     if kind == "random":
         mask = random_mask(delta, density, seed)
-        kept = delta.to(mask.dtype)
-        if not rescale:
-            out = kept * mask
-        elif release.dare_rescale == "inverse_density":
-            out = (kept * mask) / density
-        else:
-            out = rescaled(kept, mask, release)
-        return out.to(delta.dtype)
+        return _masked(delta.to(mask.dtype), mask, rule, density, release).to(delta.dtype)
     if kind == "magnitude":
         mask = magnitude_mask(delta, density, release)
     else:
