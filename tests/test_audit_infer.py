@@ -102,3 +102,16 @@ def test_slerp_t_is_recovered_from_the_angle(tmp_path):
     assert recipe["merge_method"] == "slerp" and recipe["parameters"] == {"t": 0.3}
     assert Path(recipe["base_model"]).name == "base"
     assert [Path(m["model"]).name for m in recipe["models"]] == ["ft_a"]
+
+
+def test_frankenmerge_layers_are_found_by_digest_and_re_merged(tmp_path):
+    """12 output layers from two 3-layer models, repeated and reordered (mergekit's output)."""
+    code, report = infer(published_without_recipe("slices_passthrough_deep_3k", tmp_path), tmp_path / "a")
+    assert code == 0 and not report["tensors"]["differing"]
+    recipe = inferred(report)
+    assert recipe["merge_method"] == "passthrough"
+    original = yaml.safe_load((PARITY / "recipes" / "slices_passthrough_deep_3k.yml").read_text())
+    def ranges(r):
+        return [(Path(s["sources"][0]["model"]).name, s["sources"][0]["layer_range"]) for s in r["slices"]]
+    assert ranges(recipe) == ranges(original)
+    assert "Output layers come from" in (tmp_path / "a" / "audit.md").read_text()

@@ -75,13 +75,21 @@ def task_vector(x: "torch.Tensor", base: "torch.Tensor", dtype: str) -> "torch.T
 
 
 def sample_names(published: ModelFolder, candidates: Mapping[str, ModelFolder]) -> list[str]:
-    """The largest floating tensors that the published model and every candidate have with
-    the same shape (ties of size broken by name, for a stable choice), 1-D ones included
-    only when nothing larger exists."""
+    """Floating tensors that the published model and every candidate have with the same
+    shape: the largest ones, and the largest of the first, middle and last layers (a merge
+    may treat layers differently: gradients, frankenmerges), `SAMPLES` in all, stable."""
     common = [n for n, info in published.tensors.items() if info.dtype in FLOATS and all(
         c.has(n) and tuple(c.info(n).shape) == tuple(info.shape) for c in candidates.values())]
     common.sort(key=lambda n: (-published.info(n).numel, n))
-    return common[:SAMPLES]
+    layers = sorted({i for n in common if (i := layer_index(n)) is not None})
+    picked = [next(n for n in common if layer_index(n) == i)
+              for i in dict.fromkeys(layers[k] for k in (0, len(layers) // 2, -1))] if layers else []
+    for name in common:
+        if len(picked) >= SAMPLES:
+            break
+        if name not in picked:
+            picked.append(name)
+    return sorted(picked, key=common.index)  # the largest first: the estimates start from it
 
 
 # --- frankenmerges: layers by digest ---------------------------------------------------------
