@@ -59,7 +59,6 @@ def test_seed_recipe_refused_under_015():
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nslices: []\n", "slices"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", "tokenizer merging"),
     ("models: [{model: a+lora}]\nmerge_method: ties\nbase_model: b\n", "LoRA"),
-    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtpye: bfloat16\n", "unknown key `dtpye`"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtype: int8\n", "dtype `int8`"),
     ("models: [{model: a}]\nmerge_method: ties\n", "needs `base_model`"),
     ("models: [{model: b}]\nmerge_method: ties\nbase_model: b\n", "merges nothing"),
@@ -68,6 +67,26 @@ def test_seed_recipe_refused_under_015():
 def test_refusals_name_the_problem(text, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtpye: bfloat16\n",
+     "unknown key `dtpye` (allowed: base_model, dtype, merge_method, models, out_dtype, parameters, "
+     "slices); did you mean `dtype`?"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nint8_mask: true\n", "unknown key `int8_mask`"),
+    ("models: [{model: a, paramters: {weight: 1}}]\nmerge_method: ties\nbase_model: b\n",
+     "models[0]: unknown key `paramters` (allowed: model, parameters); did you mean `parameters`?"),
+])
+def test_unknown_keys_are_ignored_as_mergekit_ignores_them_or_refused_when_strict(text, message, caplog):
+    """mergekit's recipe models drop keys they do not define (pydantic's default; a published
+    recipe with a top-level `int8_mask:` merges in mergekit 0.1.5): so does remerge, warning."""
+    with caplog.at_level(logging.WARNING):
+        recipe = parse_recipe(text)
+    assert message in caplog.text and "mergekit ignores it, and so does remerge" in caplog.text
+    assert recipe.dtype is None  # `dtpye: bfloat16` set nothing
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, strict=True)
+    assert message in str(err.value)
 
 
 def test_unknown_parameters_are_ignored_with_a_warning_or_refused_when_strict(caplog):

@@ -131,15 +131,28 @@ def test_with_references_renames_slice_models():
      "base_model: base\nparameters: {t: 0.5}\n", "merge_method slerp takes exactly 2 inputs"),
     ("slices:\n  - sources:\n" + src("a", 0, 2) + "    base_model: a\nmerge_method: passthrough\n",
      "slices\\[0\\].base_model: a per-slice base is not supported"),
-    ("slices:\n  - sources:\n" + src("a", 0, 2) + "    paramters: {scale: 1}\nmerge_method: passthrough\n",
-     "slices\\[0\\]: unknown key\\(s\\) \\['paramters'\\]"),
-    ("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        layers: 3\n"
-     "merge_method: passthrough\n", "slices\\[0\\].sources\\[0\\]: unknown key\\(s\\) \\['layers'\\]"),
     ("slices:\n" + sl(src("a+lora", 0, 2)) + "merge_method: passthrough\n", "LoRA references"),
 ])
 def test_refusals_name_the_key_and_the_fix(body, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(body)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("slices:\n  - sources:\n" + src("a", 0, 2) + "    paramters: {scale: 1}\nmerge_method: passthrough\n",
+     "slices[0]: unknown key `paramters` (allowed: parameters, sources); did you mean `parameters`?"),
+    ("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        layers: 3\n"
+     "merge_method: passthrough\n", "slices[0].sources[0]: unknown key `layers`"),
+])
+def test_unknown_slice_keys_are_ignored_as_mergekit_does_or_refused_when_strict(body, message, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        parse_recipe(body)
+    assert message in caplog.text
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(body, strict=True)
+    assert message in str(err.value)
 
 
 def test_the_tensors_after_the_layers_take_as_many_last_slice_sources_as_the_first_slice_has():

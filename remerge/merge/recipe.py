@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -195,10 +195,10 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
         raise RecipeError(f"not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with `models`, `merge_method`, ...")
-    _check_keys(data)
+    _check_keys(data, strict)
     method = get_method(data.get("merge_method"))
     sliced = "slices" in data
-    entries = () if sliced else tuple(_entry(i, e) for i, e in enumerate(_models_list(data)))
+    entries = () if sliced else tuple(_entry(i, e, strict) for i, e in enumerate(_models_list(data)))
     base = _reference(data.get("base_model"), "base_model") if data.get("base_model") else None
     recipe = Recipe(
         text=text,
@@ -209,7 +209,7 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
         dtype=_dtype(data.get("dtype"), "dtype"),
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
         release=get_release(),
-        slices=_slices(data["slices"]) if sliced else None,
+        slices=_slices(data["slices"], strict) if sliced else None,
     )
     recipe = _with_release(recipe, version)
     _check_inputs(recipe)
@@ -284,13 +284,25 @@ def _releases_with(method: str) -> list[str]:
     return [v for v, r in RELEASES.items() if method in r.methods]
 
 
-def _check_keys(data: Mapping[str, Any]) -> None:
+def _unknown_keys(where: str, unknown: Iterable[str], allowed: Iterable[str], strict: bool) -> None:
+    """Keys a recipe level does not define. mergekit's recipe models ignore them (pydantic's
+    default: a typo such as `dtpye:` is dropped, and the merge runs without it), so remerge
+    does the same with a warning; `strict` (the workflow's own configs) refuses them."""
+    allowed = sorted(allowed)
+    for key in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        message = f"{where}unknown key `{key}` (allowed: {', '.join(allowed)}){hint}"
+        if strict:
+            raise RecipeError(message)
+        log.warning("%s. mergekit ignores it, and so does remerge", message)
+
+
+def _check_keys(data: Mapping[str, Any], strict: bool) -> None:
     for key in data:
         if key in UNSUPPORTED_KEYS:
             raise RecipeError(f"`{key}`: {UNSUPPORTED_KEYS[key]}")
-        if key not in TOP_LEVEL_KEYS:
-            allowed = ", ".join(sorted(TOP_LEVEL_KEYS))
-            raise RecipeError(f"unknown key `{key}` (allowed: {allowed})")
+    _unknown_keys("", set(data) - set(TOP_LEVEL_KEYS) - set(UNSUPPORTED_KEYS), TOP_LEVEL_KEYS, strict)
     if "models" in data and "slices" in data:
         raise RecipeError("`models` and `slices` together: give one of them (`models:` merges whole "
                           "models, `slices:` layer ranges) (mergekit: 'Exactly one of 'models', "
@@ -306,38 +318,34 @@ def _models_list(data: Mapping[str, Any]) -> list[Any]:
     return models
 
 
-def _entry(index: int, raw: Any) -> ModelEntry:
+def _entry(index: int, raw: Any, strict: bool) -> ModelEntry:
     where = f"models[{index}]"
     if not isinstance(raw, dict) or "model" not in raw:
         raise RecipeError(f"{where} must be a mapping with a `model:` key")
-    unknown = set(raw) - {"model", "parameters"}
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: model, parameters)")
+    _unknown_keys(f"{where}: ", set(raw) - {"model", "parameters"}, ("model", "parameters"), strict)
     model = _reference(raw["model"], f"{where}.model")
     return ModelEntry(model=model, parameters=_parameters(raw.get("parameters"), where))
 
 
-def _slices(raw: Any) -> tuple[OutputSlice, ...]:
+def _slices(raw: Any, strict: bool) -> tuple[OutputSlice, ...]:
     if not isinstance(raw, list) or not raw:
         raise RecipeError("`slices:` must be a non-empty list of `- sources: [...]` entries")
-    return tuple(_slice(i, s) for i, s in enumerate(raw))
+    return tuple(_slice(i, s, strict) for i, s in enumerate(raw))
 
 
-def _slice(index: int, raw: Any) -> OutputSlice:
+def _slice(index: int, raw: Any, strict: bool) -> OutputSlice:
     """One slice: every source must cover as many layers (mergekit checks it while planning)."""
     where = f"slices[{index}]"
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
         raise RecipeError(f"{where} must be a mapping with a non-empty `sources:` list of "
                           "`- model: ..., layer_range: [start, end]` entries")
-    unknown = set(raw) - SLICE_KEYS
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: sources, parameters)")
+    _unknown_keys(f"{where}: ", set(raw) - SLICE_KEYS, ("sources", "parameters"), strict)
     if raw.get("base_model") is not None:
         raise RecipeError(f"{where}.base_model: a per-slice base is not supported; set the "
                           "top-level `base_model` (and list it in every slice's sources)")
     if "residual_weight" in raw:
         log.warning("%s.residual_weight is ignored: mergekit reads it nowhere; so does remerge", where)
-    sources = tuple(_source(f"{where}.sources[{j}]", s) for j, s in enumerate(raw["sources"]))
+    sources = tuple(_source(f"{where}.sources[{j}]", s, strict) for j, s in enumerate(raw["sources"]))
     lengths = {s.length() for s in sources}
     if len(lengths) > 1:
         spans = ", ".join(f"{s.model} {list(s.layer_range)}: {s.length()}" for s in sources)
@@ -348,13 +356,10 @@ def _slice(index: int, raw: Any) -> OutputSlice:
     return OutputSlice(sources, _parameters(raw.get("parameters"), where))
 
 
-def _source(where: str, raw: Any) -> SliceSource:
+def _source(where: str, raw: Any, strict: bool) -> SliceSource:
     if not isinstance(raw, dict) or "model" not in raw or "layer_range" not in raw:
         raise RecipeError(f"{where} must be a mapping with `model:` and `layer_range: [start, end]`")
-    unknown = set(raw) - SOURCE_KEYS
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: model, layer_range, "
-                          "parameters)")
+    _unknown_keys(f"{where}: ", set(raw) - SOURCE_KEYS, SOURCE_KEYS, strict)
     model = _reference(raw["model"], f"{where}.model")
     return SliceSource(model, _layer_range(raw["layer_range"], f"{where}.layer_range"),
                        _parameters(raw.get("parameters"), where))
