@@ -1,8 +1,9 @@
 """Parity with the real mergekit: our merge of each recipe equals mergekit's output byte for byte.
 
-Goldens in tests/parity/goldens/<version>/<recipe>/ were written by mergekit 0.1.5 and 0.0.5.1
-(tests/parity/make_goldens.py regenerates them; CI never runs mergekit). Each recipe is merged
-here following the same version's semantics, from tests/parity/ as mergekit ran.
+Goldens in tests/parity/goldens/<version>/<recipe>/ were written by every mergekit release with
+a verified record that PyPI has (0.0.5, 0.0.5.1, 0.0.6, 0.1.4, 0.1.5; tests/parity/make_goldens.py
+regenerates them; CI never runs mergekit). Each recipe is merged here following the same
+version's semantics, from tests/parity/ as mergekit ran.
 """
 
 import json
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from remerge.cli import main
+from remerge.merge.releases import RELEASES
 
 PARITY = Path(__file__).resolve().parent / "parity"
 GOLDENS = PARITY / "goldens"
-VERSIONS = ("0.0.5.1", "0.1.5")
+# every release with a record and goldens (a verified record must have them: tested below)
+VERSIONS = tuple(v for v in RELEASES if (GOLDENS / v).is_dir())
 # as make_goldens.py ran them
 SEEDED = ("della_seed_bf16", "della_seed_fp16", "della_linear_seed_fp32", "dare_ties_seed_bf16")
 OPTIONS = {"ties_multishard_2k": ["--out-shard-size", "2K"],
@@ -24,16 +27,19 @@ OPTIONS = {"ties_multishard_2k": ["--out-shard-size", "2K"],
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 # Where remerge refuses what a mergekit version did: (recipe, version) -> why, message we give.
+# Keyed by the release's field, not its version: every release that behaves so diverges so.
 DIVERGENCES = {
-    ("error_shape_mismatch", "0.0.5.1"): (
-        "mergekit 0.0.5.1 silently leaves a model with a mismatched shape out of that tensor; "
-        "remerge refuses rather than change the result quietly", "merging needs identical shapes"),
+    **{("error_shape_mismatch", v): (
+        f"mergekit {v} silently leaves a model with a mismatched shape out of that tensor; "
+        "remerge refuses rather than change the result quietly", "merging needs identical shapes")
+       for v in VERSIONS if RELEASES[v].shape_mismatch == "skip"},
     **{("error_slices_backwards_range", v): (
         "mergekit stacks no layer for layer_range [2, 1] but counts -1 layers in config.json's "
         "num_hidden_layers", "layers run from start") for v in VERSIONS},
-    ("error_slices_duplicate_in_slice", "0.0.5.1"): (
-        "mergekit 0.0.5.1 keeps one of a model listed twice in a slice (its gather is a dict "
-        "keyed by model); remerge refuses, as 0.1.5 does", "is listed twice; list each model once"),
+    **{("error_slices_duplicate_in_slice", v): (
+        f"mergekit {v} keeps one of a model listed twice in a slice (its gather is a dict "
+        "keyed by model); remerge refuses, as 0.1.5 does", "is listed twice; list each model once")
+       for v in VERSIONS if RELEASES[v].duplicate_inputs == "count_once"},
 }
 # What mergekit refused and the message remerge gives instead.
 REFUSALS = {
@@ -74,11 +80,18 @@ CASES = sorted(
 )
 
 
-def test_every_recipe_has_goldens_of_both_versions():
+def test_every_recipe_has_goldens_of_every_version():
     recipes = sorted(p.stem for p in (PARITY / "recipes").glob("*.yml"))
     assert len(recipes) >= 100
     for version in VERSIONS:
         assert sorted(p.name for p in (GOLDENS / version).iterdir()) == recipes
+
+
+def test_goldens_are_those_of_the_verified_records():
+    """A verified record was checked against its release's goldens, and goldens belong to a
+    release remerge has a record of."""
+    assert sorted(p.name for p in GOLDENS.iterdir()) == sorted(VERSIONS)
+    assert sorted(VERSIONS) == sorted(v for v, r in RELEASES.items() if r.verified)
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +162,10 @@ def test_parity(merged, recipe, version):
         elif name in TOKENIZER or name == "config.json":
             if base_less(recipe):
                 continue  # mergekit's donor comes from a Python set (see NOTES.md); ours is the first model
-            if name == "config.json" and version == "0.0.5.1":
+            if name == "config.json" and RELEASES[version].config_json != "transformers":
                 a, b = json.loads(mine), json.loads(gold)
-                a.pop("transformers_version"), b.pop("transformers_version")  # mergekit's env: 4.49
+                # mergekit's environment (4.49, 4.57), not the merge; the keys' order: sorted
+                a.pop("transformers_version"), b.pop("transformers_version")
                 assert a == b
             else:
                 assert mine == gold, f"{name} differs"

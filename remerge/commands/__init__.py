@@ -6,15 +6,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from remerge.merge.releases import DEFAULT_VERSION, VERSIONS
+from remerge.merge.releases import DEFAULT_VERSION, DUPLICATES_VERSION, RELEASES, VERSIONS
 
-RECIPE_VERSION_HELP = (f"whose semantics to follow (default: {DEFAULT_VERSION}, or the newest "
-                       "release that accepted it for a recipe that lists a model twice)")
+RECIPE_VERSION_HELP = (f"whose semantics to follow (default: {DEFAULT_VERSION}, or "
+                       f"{DUPLICATES_VERSION}, which accepted it, for a recipe that lists a model twice)")
+# every release with a record is a choice; the help says which were never run
+_UNVERIFIED = ", ".join(v for v, r in RELEASES.items() if not r.verified)
 
 
 def add_version_option(p: argparse.ArgumentParser, help: str = RECIPE_VERSION_HELP) -> None:
     """`--mergekit-version`: the mergekit release whose semantics to follow."""
-    p.add_argument("--mergekit-version", choices=VERSIONS, default=None, help=help)
+    p.add_argument("--mergekit-version", choices=VERSIONS, default=None, metavar="VERSION",
+                   help=f"{help}; one of {', '.join(VERSIONS)} (not checked against the real "
+                        f"release, which PyPI lacks: {_UNVERIFIED})")
 
 
 def add_models_dir_option(p: argparse.ArgumentParser) -> None:

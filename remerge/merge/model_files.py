@@ -55,8 +55,10 @@ def config_text(recipe: Recipe, folder: Path) -> str:
     "transformers": the release runs on transformers 5 (as remerge does): the config is loaded,
     validated and saved by transformers itself, so the bytes match. "donor_keys_sorted":
     releases of the transformers 4 era: the donor's keys, `_name_or_path` set to its reference,
-    sorted, two-space indent (`transformers_version` stays the donor's: the one key that
-    depends on the author's installation).
+    sorted, two-space indent. "donor_keys_sorted_dtype": the same as transformers 4.56-4.57
+    write it (mergekit 0.1.4): `torch_dtype` renamed `dtype`, no `_name_or_path`.
+    `transformers_version` stays the donor's: mergekit's is the author's installed
+    transformers, which nothing in the merge records.
     """
     dtype = recipe.out_dtype or recipe.dtype
     layers = {"num_hidden_layers": recipe.layer_count} if recipe.layer_count is not None else {}
@@ -71,9 +73,16 @@ def config_text(recipe: Recipe, folder: Path) -> str:
             return json.dumps({**config, **({"dtype": dtype} if dtype else {}), **layers},
                               indent=2, sort_keys=True) + "\n"
         return _transformers_config_text(recipe, loaded, dtype, layers)
-    config["_name_or_path"] = donor(recipe)
-    if dtype:
-        config["torch_dtype"] = dtype
+    if recipe.release.config_json == "donor_keys_sorted_dtype":
+        config.pop("_name_or_path", None)  # transformers 4.56+ writes none
+        if "torch_dtype" in config:
+            config["dtype"] = config.pop("torch_dtype")
+        if dtype:
+            config["dtype"] = dtype
+    else:
+        config["_name_or_path"] = donor(recipe)
+        if dtype:
+            config["torch_dtype"] = dtype
     config.update(layers)
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 

@@ -165,6 +165,20 @@ def _check_drawn(tasks, models, theirs, tensors: dict[str, Any]):
 # --- the report ----------------------------------------------------------------------------
 
 
+def semantics_line(report: Mapping[str, Any]) -> str:
+    """Whether the followed release's semantics were verified against the real mergekit."""
+    from remerge.merge.releases import RELEASES
+
+    version = report["mergekit_semantics"]
+    if report.get("semantics_verified", True):
+        return (f"- semantics verified: yes (remerge's record of mergekit {version} was checked "
+                "against that release's own outputs)")
+    why = (f"remerge's record of mergekit {version} was read from mergekit's history, not run"
+           if not RELEASES[version].verified else
+           "the merge's own release has no record; the nearest one was followed")
+    return f"- semantics verified: **no** ({why}: tensors and files may differ for that reason alone)"
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     t, f = report["tensors"], report["files"]
     lines = [
@@ -173,6 +187,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"- resting on: {report.get('basis', basis(report))}",
         f"- recipe: from {report['recipe']['source']}, merge method {report['recipe']['merge_method']}",
         f"- followed mergekit {report['mergekit_semantics']} ({report['version_source']})",
+        semantics_line(report),
         "- models read:",
         *[f"  - `{k}` -> `{v['read']}` ({v['how']})" for k, v in report["recipe"]["resolution"].items()],
         f"- tensors: {t['compared']} compared, {t['identical']} bit-identical, "
@@ -278,13 +293,17 @@ def audit_model(
     from remerge.io.safetensors import ModelFolder
     from remerge.merge.plan import plan_merge
     from remerge.merge.recipe import parse_recipe
-    from remerge.merge.releases import release_of_published
+    from remerge.merge.releases import release_of_published, verified_for
     from remerge.merge.tensor import merge_tensor, plan_tensor
 
     published = Path(published)
     recorded = recorded_version(published)
-    chosen = version or (release_of_published(recorded).version if recorded else None)
-    source = "given" if version else ("recorded in the published index" if recorded else "default")
+    # a recorded "" or "banana" is refused (release_of_published), never taken for "none"
+    chosen = version or (release_of_published(recorded).version if recorded is not None else None)
+    source = "given" if version else ("default" if recorded is None else
+                                      "recorded in the published index" if chosen == recorded else
+                                      f"the index records {recorded}, which remerge has no record "
+                                      "of: the nearest release")
     original = parse_recipe(recipe_text, version=chosen)
     resolved = resolve_references(list(original.inputs), path_map)
     mapping = {ref: r["read"] for ref, r in resolved.items()}
@@ -318,6 +337,8 @@ def audit_model(
                    "transplant_from": transplant_from},
         "mergekit_semantics": recipe.release.version,
         "version_source": source,
+        # the followed record was checked against that very release's outputs (releases.py)
+        "semantics_verified": verified_for(recipe.release, None if version else recorded),
         "tensors": tensors,
         "files": files,
     }
@@ -340,7 +361,7 @@ def infer_from_weights(published: Path, candidates: list[str], base: str | None,
     from remerge.merge.releases import release_of_published
 
     recorded = recorded_version(published)
-    follow = version or (release_of_published(recorded).version if recorded else None)
+    follow = version or (release_of_published(recorded).version if recorded is not None else None)
     return infer_recipe(published, folders, base=base, version=follow)
 
 

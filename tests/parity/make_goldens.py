@@ -5,8 +5,8 @@ What it does, in order (each step is idempotent: rerunning gives the same bytes)
 
 1. Side virtual environments OUTSIDE the repo, one per reference version
    (default ``~/.cache/remerge-parity/venv-<version>``; ``--venv-root`` moves them):
-   ``python3.11 -m venv`` + ``pip install torch==2.13.0 mergekit==0.1.5`` and
-   ``torch==2.13.0 mergekit==0.0.5.1 "transformers<4.50"``, with a constraints file that
+   ``python3.11 -m venv`` + ``pip install torch==2.13.0 mergekit==<version>`` with the pins of
+   ``VERSIONS`` (0.1.5, 0.0.5.1, 0.0.5, 0.0.6, 0.1.4), with a constraints file that
    pins torch to 2.13.0 (the local CPU wheel), so pip never pulls another torch.
    An existing venv with the right versions is reused.
 2. The small input models under ``models/`` (Llama-shaped, built from seeded Python
@@ -17,7 +17,7 @@ What it does, in order (each step is idempotent: rerunning gives the same bytes)
    folder is then copied to ``goldens/<version>/<recipe>/`` (replacing what was there).
    A run that fails leaves only ``goldens/<version>/<recipe>/REFUSED.txt`` holding the
    final exception line of mergekit's traceback.
-4. A tensor-by-tensor comparison of the two versions' outputs, printed as a table
+4. A tensor-by-tensor comparison of 0.0.5.1's and 0.1.5's outputs, printed as a table
    (NOTES.md quotes it).
 
 Environment of every mergekit run: ``PYTHONHASHSEED=0``, ``HF_HUB_OFFLINE=1``,
@@ -57,10 +57,19 @@ MODELS = HERE / "models"
 GOLDENS = HERE / "goldens"
 
 TORCH_PIN = "torch==2.13.0"
+# one side venv per release with a verified record (remerge/merge/releases.py); the pins are
+# those the goldens were made with (tests/parity/README.md, "Releases"):
 VERSIONS = {
     "0.1.5": [TORCH_PIN, "mergekit==0.1.5"],
     "0.0.5.1": [TORCH_PIN, "mergekit==0.0.5.1", "transformers<4.50"],
+    # 0.0.5 pins accelerate~=0.30.1, which a newer peft cannot import from
+    "0.0.5": [TORCH_PIN, "mergekit==0.0.5", "transformers<4.50", "peft==0.12.0"],
+    "0.0.6": [TORCH_PIN, "mergekit==0.0.6", "transformers<4.50"],
+    # 0.1.4 predates transformers 5; the 4.57 it resolves to decides its config.json
+    "0.1.4": [TORCH_PIN, "mergekit==0.1.4", "transformers<5"],
 }
+# the two releases whose tensors step 4 compares (NOTES.md quotes the table)
+COMPARED = ["0.0.5.1", "0.1.5"]
 
 # Extra mergekit-yaml options per recipe; every other recipe runs with the defaults
 # (CPU, --copy-tokenizer, model card, 5B shard size, no --allow-crimes, no --random-seed).
@@ -659,7 +668,7 @@ def main(argv=None) -> int:
         build_models(args.build_models)
         return 0
     if args.compare:
-        print(json.dumps(compare_goldens(list(VERSIONS))))
+        print(json.dumps(compare_goldens(COMPARED)))
         return 0
 
     versions = [v for v in args.versions.split(",") if v]
@@ -706,7 +715,7 @@ def main(argv=None) -> int:
         text=True,
         check=True,
     )
-    print_comparison(json.loads(res.stdout), list(VERSIONS))
+    print_comparison(json.loads(res.stdout), COMPARED)
     return 0
 
 
