@@ -27,7 +27,7 @@ import logging
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from remerge.errors import AuditError
 from remerge.io.safetensors import DTYPE_NAMES, ModelFolder, torch_dtype
@@ -261,14 +261,11 @@ def ties_masks(deltas: Sequence["torch.Tensor"], densities: Sequence[float]) -> 
 def agreeing_kept(deltas: "torch.Tensor", masks: Sequence["torch.Tensor"]) -> "torch.Tensor":
     """Elements where every model's entry is kept and all share one nonzero sign: there all
     pass the sign election, so the published step is a plain (normalized) weighted sum."""
-    signs = deltas.sign()  # (k, n)
-    return torch_all(masks) & (signs == signs[0]).all(dim=0) & (signs[0] != 0)
-
-
-def torch_all(masks: Sequence["torch.Tensor"]) -> "torch.Tensor":
     import torch
 
-    return torch.stack(list(masks)).all(dim=0)
+    signs = deltas.sign()  # (k, n)
+    kept = torch.stack(list(masks)).all(dim=0)  # (n,)
+    return kept & (signs == signs[0]).all(dim=0) & (signs[0] != 0)
 
 
 def ties_weights(deltas: Sequence["torch.Tensor"], masks: Sequence["torch.Tensor"],
