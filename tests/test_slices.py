@@ -396,8 +396,8 @@ def test_a_frankenmerge_by_hand_one_job_per_shard_gives_mergekits_bytes(tmp_path
             assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_layer_ranges_of_a_model_without_llama_style_layers_are_refused(tmp_path):
-    """GPT-2 names its layers `h.N.` (mergekit's gpt2 template); remerge knows `model.layers.N.`."""
+def test_layer_ranges_of_a_model_of_an_unknown_architecture_are_refused(tmp_path):
+    """GPT-2 (`h.N.` layers, mergekit's gpt2 template) is not an architecture remerge knows."""
     from safetensors.torch import save_file
     import torch
 
@@ -406,6 +406,6 @@ def test_layer_ranges_of_a_model_without_llama_style_layers_are_refused(tmp_path
     save_file({"wte.weight": torch.zeros(4, 2), "h.0.ln_1.weight": torch.ones(2)}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     r = parse_recipe("slices:\n" + sl(src("gpt2", 0, 1)) + "merge_method: passthrough\n")
-    with pytest.raises(RecipeError, match="model gpt2 \\(gpt2\\): none of its tensors is named like a decoder "
-                       "layer \\(`model.layers.N.`\\)"):
+    with pytest.raises(ModelError, match="model gpt2: config.json has no `architectures` and its model_type "
+                       "'gpt2' is not one remerge knows \\(known: GPTNeoXForCausalLM, "):
         plan_merge(r, {"gpt2": folder})

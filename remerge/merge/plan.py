@@ -16,6 +16,7 @@ and so cut into shards, in the order mergekit saves them (`remerge.merge.schedul
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -24,13 +25,12 @@ from remerge.errors import ModelError, RecipeError
 from remerge.io.files import write_bytes_atomic
 from remerge.io.layout import INDEX_NAME, tensor_nbytes
 from remerge.io.safetensors import DTYPE_NAMES, ST_NAMES, ModelFolder
-from remerge.merge.architecture import (
-    EMBED, LM_HEAD, POST_TEMPLATE, is_embedding, layer_index, layer_template, plan_rank,
-    with_layer_index,
-)
-from remerge.merge.recipe import OutputSlice, Recipe
+from remerge.merge.architecture import Architecture, architecture_of, layer_index, layer_suffix
+from remerge.merge.recipe import Recipe
 from remerge.merge.releases import Release, get_release
 from remerge.merge.schedule import Read, save_order
+
+log = logging.getLogger(__name__)
 
 PLAN_FORMAT = "remerge.plan/3"
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # mergekit's default `--out-shard-size 5B`
@@ -148,12 +148,43 @@ def open_models(recipe: Recipe, folders: Mapping[str, str | Path]) -> dict[str, 
     return {ref: ModelFolder(folders[ref], label=ref) for ref in recipe.inputs}
 
 
-def _num_layers(folder: ModelFolder) -> int:
-    """`num_hidden_layers` of the model's config, else the highest layer index + 1."""
+def _config(ref: str, folder: ModelFolder) -> dict:
+    """The model's config.json (it names the architecture)."""
+    path = folder.path / "config.json"
     try:
-        config = json.loads((folder.path / "config.json").read_text())
-        return int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ModelError(f"model {ref}: cannot read {path} ({err.strerror}); remerge needs it to "
+                         "know the model's architecture") from None
+    except ValueError as err:
+        raise ModelError(f"model {ref}: {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model {ref}: {path} is not a JSON object")
+    return config
+
+
+def model_architecture(models: Mapping[str, ModelFolder]) -> tuple[Architecture, dict[str, dict]]:
+    """The architecture every input shares (from each config.json), and each input's config.
+    Different architectures are refused, as mergekit does without `--allow-crimes`."""
+    configs = {ref: _config(ref, folder) for ref, folder in models.items()}
+    archs = {ref: architecture_of(ref, config) for ref, config in configs.items()}
+    first = next(iter(archs))
+    for ref, arch in archs.items():
+        if arch.name != archs[first].name:
+            raise RecipeError(f"model {ref} is a {arch.name} and model {first} a {archs[first].name}; "
+                              "mergekit refuses to mix architectures (without --allow-crimes), and so "
+                              "does remerge")
+        if why := arch.refusal(models[ref].tensors):
+            raise ModelError(f"model {ref} ({arch.name}): {why}")
+    return archs[first], configs
+
+
+def _num_layers(folder: ModelFolder, config: Mapping, arch: Architecture) -> int:
+    """The architecture's layer count key of the model's config (`num_hidden_layers`), else
+    the highest layer index + 1."""
+    try:
+        return int(config[arch.layers_key])
+    except (KeyError, TypeError, ValueError):
         return 1 + max((i for n in folder.tensors if (i := layer_index(n)) is not None), default=0)
 
 
@@ -173,13 +204,6 @@ class _Planned:
     reads: dict[str, str]  # model -> the tensor it is asked for, in the slice's source order
     slice: int  # the slice whose parameters apply
     t: float  # position for layer gradients, in [0, 1]
-
-
-def _model_type(folder: ModelFolder) -> str | None:
-    try:
-        return json.loads((folder.path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def slice_ranges(recipe: Recipe, layers: Mapping[str, int]) -> list[list[tuple[str, int, int]]]:
@@ -212,74 +236,98 @@ def gradient_t(offset: int, length: int) -> float:
     return offset / (length - 1) if length > 1 else 1.0
 
 
-def plan_layout(recipe: Recipe, models: Mapping[str, ModelFolder],
-                layers: Mapping[str, int]) -> list[_Planned]:
-    """The output tensors in mergekit's plan order: the embeddings (first slice's sources,
-    t = 0), each slice's layers in output order (each layer's tensors in the architecture's
-    template order), then the tensors after the layers (`Recipe.post_sources`, t as the
-    release places them). The names come from the base (else the first model) outside the
-    layers, and from the slice's base (else its first source) inside."""
+def plan_layout(recipe: Recipe, models: Mapping[str, ModelFolder], layers: Mapping[str, int],
+                arch: Architecture) -> list[_Planned]:
+    """The output tensors in mergekit's plan order: the architecture's tensors before the
+    layers (read from the first slice's sources, t = 0), each slice's layers in output order
+    (each layer's tensors in the architecture's order), then its tensors after the layers
+    (`Recipe.post_sources`, t as the release places them). Which are written: `_wanted`;
+    tensors the architecture does not list are not (mergekit ignores them)."""
     slices = recipe.output_slices
-    anchor = models[recipe.base_model or recipe.inputs[0]]
-    template = layer_template(_model_type(anchor))
-    by_layer: dict[str, dict[int, list[str]]] = {ref: {} for ref in models}
-    for ref, folder in models.items():
-        for name in folder.tensors:
-            if (i := layer_index(name)) is not None:
-                by_layer[ref].setdefault(i, []).append(name)
     if recipe.slices is not None:
-        _check_layered(recipe, models, by_layer)
-    post_models = [s.model for s in recipe.post_sources()]
-    outside = [n for n in anchor.tensors if layer_index(n) is None]
-    if LM_HEAD not in outside and any(models[m].has(LM_HEAD) for m in post_models):
-        outside.append(LM_HEAD)
-    planned = [_Planned(n, {s.model: n for s in slices[0].sources}, 0, 0.0)
-               for n in sorted(n for n in outside if is_embedding(n))]
+        _check_layered(recipe, models, arch)
+    _warn_unlisted(models, arch)
+    stored = {n for folder in models.values() for n in folder.tensors}
+    suffixes = {layer_suffix(n) for n in stored if _in_layer(n, arch)}  # stored at some layer
+    _warn_absent(arch, stored, suffixes)
+
+    def outside(names: tuple[str, ...], readers: list[str], index: int, t: float) -> list[_Planned]:
+        reads = [(n, {m: n for m in readers}) for n in names]
+        return [_Planned(n, r, index, t) for n, r in reads
+                if _wanted(r, n in stored, models, arch.is_optional(n))]
+
+    planned = outside(arch.pre, [s.model for s in slices[0].sources], 0, 0.0)
     out = 0
     for i, (sl, ranges) in enumerate(zip(slices, slice_ranges(recipe, layers))):
-        names_from = _slice_anchor(sl, recipe)
         start = {model: first for model, first, _ in ranges}
         length = ranges[0][2] - ranges[0][1]
         for k in range(length):
-            names = by_layer[names_from].get(start[names_from] + k, [])
-            for name in plan_rank(names, template):
-                planned.append(_Planned(
-                    with_layer_index(name, out),
-                    {m: with_layer_index(name, start[m] + k) for m in sl.models},
-                    i, gradient_t(k, length)))
+            for suffix in arch.layer:
+                reads = {m: arch.layer_name(start[m] + k, suffix) for m in sl.models}
+                if _wanted(reads, suffix in suffixes, models, suffix in arch.optional):
+                    planned.append(_Planned(arch.layer_name(out, suffix), reads, i, gradient_t(k, length)))
             out += 1
-    after = recipe.release.gradient_t_after_layers
-    planned += [_Planned(n, {m: n for m in post_models}, len(slices) - 1, after)
-                for n in plan_rank([n for n in outside if not is_embedding(n)], POST_TEMPLATE)]
-    return planned
+    post = [s.model for s in recipe.post_sources()]
+    return planned + outside(arch.post, post, len(slices) - 1, recipe.release.gradient_t_after_layers)
 
 
-def _check_layered(recipe: Recipe, models: Mapping[str, ModelFolder],
-                   by_layer: Mapping[str, Mapping[int, list[str]]]) -> None:
-    """Layer ranges need tensors named by layer as remerge knows them (`model.layers.N.`)."""
+def _wanted(reads: Mapping[str, str], stored_by_any: bool, models: Mapping[str, ModelFolder],
+            optional: bool) -> bool:
+    """Whether mergekit writes a tensor of the architecture: an optional one (a tied lm_head)
+    when a model it is read from stores it; a required one when any input stores it (at some
+    layer, for a layer's), and a model it is read from that lacks it is refused (`_sources`).
+    mergekit also fails on a required tensor that no input stores; remerge leaves that out."""
+    if optional:
+        return any(models[m].has(n) for m, n in reads.items())
+    return stored_by_any
+
+
+def _warn_absent(arch: Architecture, stored: set[str], suffixes: set[str]) -> None:
+    """Say which required tensors no input stores: mergekit fails on them, remerge leaves them out."""
+    absent = [n for n in arch.pre + arch.post if n not in stored and not arch.is_optional(n)]
+    absent += [arch.layer_name("N", s) for s in arch.layer if s not in suffixes and s not in arch.optional]
+    if absent:
+        log.warning("no input stores %s, which mergekit's %s definition requires: mergekit fails "
+                    "('Tensor ... required but not present'); remerge leaves them out",
+                    ", ".join(absent), arch.name)
+
+
+def _in_layer(name: str, arch: Architecture) -> bool:
+    """A decoder layer's tensor, named as the architecture names them (`model.layers.N.`)."""
+    return name.startswith(arch.layer_prefix) and layer_index(name) is not None
+
+
+def _warn_unlisted(models: Mapping[str, ModelFolder], arch: Architecture) -> None:
+    """Say which stored tensors are not merged: those the architecture does not list."""
+    listed = set(arch.pre) | set(arch.post)
+    for ref, folder in models.items():
+        extra = [n for n in folder.tensors if n not in listed
+                 and not (_in_layer(n, arch) and layer_suffix(n) in arch.layer)]
+        if extra:
+            log.warning("model %s: %d tensor(s) that mergekit's %s definition does not list are not "
+                        "merged (mergekit ignores them): %s", ref, len(extra), arch.name,
+                        ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else ""))
+
+
+def _check_layered(recipe: Recipe, models: Mapping[str, ModelFolder], arch: Architecture) -> None:
+    """Layer ranges need tensors named by layer (`model.layers.N.`)."""
     for sl in recipe.slices or ():
         for ref in sl.models:
-            if not by_layer[ref]:
+            if not any(_in_layer(n, arch) for n in models[ref].tensors):
                 raise RecipeError(
-                    f"model {ref} ({_model_type(models[ref]) or 'unknown architecture'}): none of "
-                    "its tensors is named like a decoder layer (`model.layers.N.`); remerge knows "
-                    "the Llama-family layout only, so it cannot take layer ranges of this model "
-                    "(whole models under `models:` still merge)")
+                    f"model {ref} ({arch.name}): none of its tensors is named like a decoder layer "
+                    f"(`{arch.layer_prefix}N.`), so remerge cannot take layer ranges of it (whole "
+                    "models under `models:` still merge)")
 
 
-def _slice_anchor(sl: OutputSlice, recipe: Recipe) -> str:
-    """The model whose layer tensors a slice's output layers are named after: the base when
-    it is one of the slice's sources, else the first source."""
-    return recipe.base_model if recipe.base_model in sl.models else sl.models[0]
-
-
-def _sources(planned: _Planned, models: Mapping[str, ModelFolder], recipe: Recipe
-             ) -> dict[str, str | None]:
+def _sources(planned: _Planned, models: Mapping[str, ModelFolder], recipe: Recipe,
+             arch: Architecture) -> dict[str, str | None]:
     """Which tensor each model contributes to one output tensor (None: this model has none).
 
-    Tied embeddings: `lm_head.weight` is optional. The release either reads a model's
-    `model.embed_tokens.weight` in its place, or leaves such a model (not the base) out of
-    that tensor. Any other tensor must exist in every model that the tensor reads.
+    Tied embeddings (`Architecture.tied`: Llama's `lm_head.weight`, optional): the release
+    either reads a model's `model.embed_tokens.weight` in its place, or leaves such a model
+    (not the base) out of that tensor. Any other tensor must exist in every model that the
+    tensor reads.
     """
     fallback = recipe.release.lm_head_fallback
     sources: dict[str, str | None] = {}
@@ -287,9 +335,9 @@ def _sources(planned: _Planned, models: Mapping[str, ModelFolder], recipe: Recip
         folder = models[ref]
         if folder.has(name):
             sources[ref] = name
-        elif name == LM_HEAD and fallback == "embedding" and folder.has(EMBED):
-            sources[ref] = EMBED
-        elif name == LM_HEAD and fallback == "skip" and ref != recipe.base_model:
+        elif fallback == "embedding" and folder.has(tied := arch.tied.get(name, "")):
+            sources[ref] = tied
+        elif fallback == "skip" and arch.is_optional(name) and ref != recipe.base_model:
             sources[ref] = None
         else:
             holders = [r if n == name else f"{r} (as {n})" for r, n in planned.reads.items()
@@ -349,10 +397,10 @@ def _check_shapes(name: str, models: Mapping[str, ModelFolder], sources: Mapping
     return first.shape
 
 
-def plan_tensor_layout(planned: _Planned, recipe: Recipe, models: Mapping[str, ModelFolder]
-                       ) -> TensorPlan:
+def plan_tensor_layout(planned: _Planned, recipe: Recipe, models: Mapping[str, ModelFolder],
+                       arch: Architecture) -> TensorPlan:
     """One output tensor's sources, shape and dtypes (no parameter values)."""
-    sources = _sources(planned, models, recipe)
+    sources = _sources(planned, models, recipe, arch)
     anchor = recipe.base_model if recipe.base_model in sources else next(iter(sources))
     shape = _check_shapes(planned.name, models, sources, anchor, recipe.release)
     stored = {ref: models[ref].info(src).dtype for ref, src in sources.items() if src}
@@ -370,9 +418,10 @@ def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
 
     check_config(recipe, folders)  # a config.json mergekit fails to write: refused before merging
     models = open_models(recipe, folders)
-    layers = {ref: _num_layers(folder) for ref, folder in models.items()}
-    planned = plan_layout(recipe, models, layers)
-    tensors = {p.name: plan_tensor_layout(p, recipe, models) for p in planned}
+    arch, configs = model_architecture(models)
+    layers = {ref: _num_layers(folder, configs[ref], arch) for ref, folder in models.items()}
+    planned = plan_layout(recipe, models, layers, arch)
+    tensors = {p.name: plan_tensor_layout(p, recipe, models, arch) for p in planned}
     for folder in models.values():
         folder.close()
     order = save_order(recipe.release, [
