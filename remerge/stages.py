@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -126,6 +126,8 @@ class ProvenanceFiles:
     scores: str | None  # scores.json, or None when not evaluated
     grid_point: Mapping[str, str]
     out: str  # provenance.json to write
+    stages: Mapping[str, str] = field(default_factory=dict)  # reference -> provenance.json of
+    # the merge that made that input (a chain's earlier stage)
 
 
 def stage_card(recipe_text: str, version: str | None, name: str, card_path: str | Path,
@@ -146,7 +148,7 @@ def stage_card(recipe_text: str, version: str | None, name: str, card_path: str 
 
 
 def provenance_record(recipe: Recipe, name: str, files: ProvenanceFiles) -> dict[str, Any]:
-    from remerge.provenance.record import input_record, provenance
+    from remerge.provenance.record import input_record, provenance, stage_chain
 
     missing = [ref for ref in recipe.inputs if ref not in files.manifests]
     if missing:
@@ -154,10 +156,11 @@ def provenance_record(recipe: Recipe, name: str, files: ProvenanceFiles) -> dict
     inputs = [input_record(ref, files.names.get(ref), read_manifest(files.manifests[ref]))
               for ref in recipe.inputs]
     redo = "re-run the step that writes it"
+    stages = {ref: (_read_json(path, redo), sha256_file(path)) for ref, path in files.stages.items()}
     return provenance(name=name, recipe=recipe, inputs=inputs, tensors=_read_json(files.tensors, redo),
                       configs=_read_json(files.configs, redo),
                       scores=_read_json(files.scores, redo) if files.scores else None,
-                      grid_point=files.grid_point)
+                      grid_point=files.grid_point, chain=stage_chain(stages))
 
 
 def _read_json(path: str | Path, fix: str) -> Any:
@@ -175,10 +178,14 @@ def _read_json(path: str | Path, fix: str) -> Any:
 
 def merge_model(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: str | Path,
                 out_shard_size: int = DEFAULT_SHARD_SIZE, threads: int | None = None,
-                seed: int = 0) -> Plan:
+                seed: int = 0, shown_text: str | None = None) -> Plan:
     """The whole model folder, as `mergekit-yaml` writes it: every stage, in a hidden staging
     folder moved into `out_dir` only when complete (config.json last), so that a failed or
-    killed run leaves no file that looks like a finished model."""
+    killed run leaves no file that looks like a finished model. `shown_text`: the recipe text
+    for mergekit_config.yml and the card where it is not the text merged (mergekit-multi
+    writes a stage's config as its planner normalized it, `remerge.merge.multi`)."""
+    from remerge.provenance.card import mergekit_card
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelError(f"output folder {out_dir} is a file; give a folder (it is created if missing)")
@@ -195,8 +202,9 @@ def merge_model(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: str 
         for i, name in enumerate(plan.shard_names):
             log.info("shard %d/%d: %s", i + 1, len(plan.shards), name)
             stage_shard(plan_path, text, version, staging / name, threads=threads, seed=seed)
-        stage_assemble(plan_path, text, staging)
-        stage_card(text, version, out_dir.name, staging / CARD_NAME)
+        shown = recipe if shown_text is None else replace(recipe, text=shown_text)
+        stage_assemble(plan_path, shown.text, staging)
+        write_text_atomic(staging / CARD_NAME, mergekit_card(shown, out_dir.name))
         stage_configs(text, version, folders, staging)
         last = [p for p in ("config.json",) if (staging / p).exists()]
         for item in sorted(staging.iterdir(), key=lambda p: p.name in last):

@@ -7,6 +7,7 @@ rule write_model_card:
         configs=paths.CONFIGS,
         recipe=paths.RECIPE,
         manifests=merge_manifest_files,
+        stages=lambda wc: list(stage_provenances(wc).values()),
         scores=lambda wc: (
             paths.path(paths.SCORES, merge=wc.merge, point=wc.point)
             if MERGES[wc.merge].evaluate
@@ -26,12 +27,13 @@ rule write_model_card:
         name=lambda wc: card_name(wc),
         manifests=merge_manifests,
         names=lambda wc: {
-            wf.model_reference(m, MODELS[m]): m for m in MERGES[wc.merge].models()
+            wf.model_reference(m, INPUTS[m]): m for m in MERGES[wc.merge].models()
         },
         licenses=lambda wc: {
-            wf.model_reference(m, MODELS[m]): MODELS[m].get("license")
+            wf.model_reference(m, INPUTS[m]): INPUTS[m].get("license")
             for m in MERGES[wc.merge].models()
         },
+        stages=stage_provenances,
         version=lambda wc: MERGES[wc.merge].mergekit_version,
         point=point_values,
     script:

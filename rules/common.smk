@@ -17,6 +17,8 @@ except wf.ConfigError as err:
     raise WorkflowError(str(err))
 
 MODELS = config["models"]
+# what recipes may name: the models, and merges (a chain's earlier stages) as their output folders
+INPUTS = wf.recipe_inputs(MODELS, MERGES)
 EVAL = config["evaluation"]
 AUDITS = config.get("audits") or {}
 
@@ -96,24 +98,42 @@ def local_folder_files(wildcards):
 def recipe_text(wildcards):
     """The mergekit recipe of one grid point (config names replaced by model references)."""
     spec = MERGES[wildcards.merge]
-    return wf.render_recipe(spec, MODELS, point_values(wildcards))
+    return wf.render_recipe(spec, INPUTS, point_values(wildcards))
 
 
 def seed_recipe_text(wildcards):
     """The demo seed merge's recipe (merges.seed has no grid)."""
-    return wf.render_recipe(MERGES["seed"], MODELS, {})
+    return wf.render_recipe(MERGES["seed"], INPUTS, {})
 
 
 def plan_recipe_text(wildcards):
     """The recipe the shard plan is made from: the template, without grid values (the
     layout does not depend on them, so changing the grid never re-plans)."""
-    return wf.render_recipe(MERGES[wildcards.merge], MODELS, {})
+    return wf.render_recipe(MERGES[wildcards.merge], INPUTS, {})
+
+
+def input_manifest(name):
+    """The manifest of a model, or of a merge's output (a chain's earlier stage)."""
+    if name in MODELS:
+        return manifest(name)
+    return paths.path(paths.STAGE_MANIFEST, merge=name, point=wf.SINGLE_POINT)
 
 
 def merge_manifests(wildcards):
     """{reference: manifest path} of every model the merge reads."""
     spec = MERGES[wildcards.merge]
-    return {wf.model_reference(m, MODELS[m]): manifest(m) for m in spec.models()}
+    return {wf.model_reference(m, INPUTS[m]): input_manifest(m) for m in spec.models()}
+
+
+def stage_provenances(wildcards):
+    """{reference: provenance.json} of the merges this merge reads (a chain's earlier stages)."""
+    spec = MERGES[wildcards.merge]
+    return {
+        wf.model_reference(m, INPUTS[m]): paths.path(
+            paths.PROVENANCE, merge=m, point=wf.SINGLE_POINT
+        )
+        for m in spec.stages(MODELS)
+    }
 
 
 def merge_manifest_files(wildcards):
@@ -171,7 +191,8 @@ def reference_models():
         spec.recipe.get("base_model") for spec in specs if spec.recipe.get("base_model")
     ]
     used = bases + [m for spec in specs for m in spec.models()]
-    return list(dict.fromkeys(used))  # the base models first
+    # the base models first; merges a merge reads are evaluated as merges, not references
+    return [m for m in dict.fromkeys(used) if m in MODELS]
 
 
 # --- final targets --------------------------------------------------------------------------

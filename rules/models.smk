@@ -63,3 +63,26 @@ rule download_model:
         out_dir=lambda wc: paths.path(paths.MODEL_RECORD, model=wc.model),
     script:
         "../scripts/download_model.py"
+
+
+# A merge that another merge reads (a chain's earlier stage) is recorded as its readers' input:
+# the files of its model folder but README.md (the card, written after, holds its scores).
+rule record_stage:
+    input:
+        config=paths.CONFIG,
+        recipe=paths.RECIPE,
+        index=paths.INDEX,
+        configs=paths.CONFIGS,
+    output:
+        manifest=paths.STAGE_MANIFEST,
+    log:
+        "logs/{merge}/{point}/record_stage.log",
+    conda:
+        "../envs/remerge.yaml"
+    resources:
+        mem_mb=500,
+        runtime=30,
+    params:
+        folder=lambda wc: paths.path(paths.MODEL_DIR, merge=wc.merge, point=wc.point),
+    script:
+        "../scripts/record_stage.py"

@@ -22,5 +22,6 @@ stage_card(
         scores=inp.scores if inp.scores else None,
         grid_point=p.point,
         out=snakemake.output.provenance,
+        stages=p.stages,
     ),
 )

@@ -160,6 +160,23 @@ def provenance_section(prov: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def chain_section(prov: Mapping[str, Any]) -> str:
+    """The earlier stages of a chain of merges (provenance.json's `chain`), first first."""
+    if not prov.get("chain"):
+        return ""
+    lines = ["### Stages", "", "This model is the last stage of a chain of merges; each earlier "
+             "stage's output is an input of a later one (provenance.json of each stage holds its "
+             "inputs' file hashes).", "", "|Stage|Method|Inputs|Tensors digest|provenance.json sha256|",
+             "|-----|------|------|--------------|----------------------|"]
+    for stage in prov["chain"]:
+        lines.append(f"|{stage['name']}|{stage['merge_method']}|{', '.join(stage['inputs'])}|"
+                     f"`{stage['tensors_digest']}`|`{stage['provenance_sha256']}`|")
+    lines.append(f"|{prov['name']} (this model)|{prov['merge_method']}|"
+                 f"{', '.join(rec['reference'] for rec in prov['inputs'])}|"
+                 f"`{prov['output']['tensors_digest']}`|-|")
+    return "\n".join(lines) + "\n\n"
+
+
 def duplicates_note(recipe: Recipe) -> str:
     if not recipe.duplicates:
         return ""
@@ -184,7 +201,8 @@ def card_text(recipe: Recipe, prov: Mapping[str, Any], license: str | None) -> s
         eval_results=eval_results(prov["scores"]) or None,
     )
     text = (merge_details(recipe, prov["name"]) + "\n" + duplicates_note(recipe)
-            + transplant_section(prov["configs"]) + "\n" + results_section(prov["scores"]) + "\n"
+            + chain_section(prov) + transplant_section(prov["configs"]) + "\n"
+            + results_section(prov["scores"]) + "\n"
             + provenance_section(prov))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").content
 

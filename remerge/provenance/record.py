@@ -53,11 +53,33 @@ def input_record(reference: str, name: str | None, manifest: Mapping[str, Any]) 
     }
 
 
+def stage_chain(stages: Mapping[str, tuple[Mapping[str, Any], str]]) -> list[dict[str, Any]]:
+    """The earlier stages of a chain of merges, first first, from the provenance records of the
+    merges whose outputs this merge reads ({reference: (provenance.json, its sha256)}): each
+    one's own chain, then itself, once each."""
+    chain: dict[str, dict[str, Any]] = {}
+    for reference, (prov, sha256) in stages.items():
+        for stage in prov.get("chain", []):
+            chain.setdefault(stage["name"], stage)
+        chain.setdefault(prov["name"], {
+            "name": prov["name"],
+            "reference": reference,  # how the later stage's recipe names its output folder
+            "merge_method": prov["merge_method"],
+            "mergekit_semantics": prov["mergekit_semantics"],
+            "inputs": [rec["reference"] for rec in prov["inputs"]],
+            "tensors_digest": prov["output"]["tensors_digest"],
+            "provenance_sha256": sha256,
+        })
+    return list(chain.values())
+
+
 def provenance(
     *, name: str, recipe: Recipe, inputs: Sequence[Mapping[str, Any]], tensors: Mapping[str, Any],
     configs: Mapping[str, Any], scores: Mapping[str, Any] | None, grid_point: Mapping[str, str],
+    chain: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The record of one merged model."""
+    """The record of one merged model; `chain`: the earlier stages of a chain of merges
+    (`stage_chain`), empty for a merge of models."""
     return {
         "format": FORMAT,
         "name": name,
@@ -73,6 +95,7 @@ def provenance(
             "tensors": tensors["tensors"],
         },
         "configs": dict(configs),
+        "chain": [dict(stage) for stage in chain],
         "scores": scores,
         "software": software_versions(),
     }

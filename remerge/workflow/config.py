@@ -24,7 +24,7 @@ from remerge.merge.plan import TensorPlan
 from remerge.merge.recipe import Recipe, dump_recipe, parse_recipe
 from remerge.merge.releases import VERSIONS, get_release
 from remerge.merge.tensor import plan_tensor
-from remerge.workflow.paths import DEMO_MODEL, HUB_SNAPSHOT, path
+from remerge.workflow.paths import DEMO_MODEL, HUB_SNAPSHOT, MODEL_DIR, path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SINGLE_POINT = "single"
@@ -99,6 +99,18 @@ def model_folder(name: str, entry: Mapping[str, Any]) -> str:
     return path(HUB_SNAPSHOT, model=name) if kind == "repo" else model_reference(name, entry)
 
 
+def stage_entry(merge: str) -> dict[str, str]:
+    """A merge that another merge's recipe names (a chain's earlier stage), as a `models:`
+    entry: a local folder, its output (it has no grid: one model)."""
+    return {"path": path(MODEL_DIR, merge=merge, point=SINGLE_POINT)}
+
+
+def recipe_inputs(models: Mapping[str, Any], merges: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Everything a recipe may name: the config's models, and every merge as its output folder
+    (a name that is both is refused by `check_config`)."""
+    return {**{m: stage_entry(m) for m in merges}, **models}
+
+
 # --- merges and grids ----------------------------------------------------------------------
 
 
@@ -125,11 +137,15 @@ class MergeSpec:
         return [dict(zip(keys, combo)) for combo in itertools.product(*self.grid.values())]
 
     def models(self) -> list[str]:
-        """Config model names the recipe uses, in recipe order, base last."""
+        """Names the recipe uses (config models, or merges: `stages`), in recipe order, base last."""
         names = [e["model"] for e in self.recipe["models"]]
         if self.recipe.get("base_model"):
             names.append(self.recipe["base_model"])
         return list(dict.fromkeys(names))
+
+    def stages(self, models: Mapping[str, Any]) -> list[str]:
+        """The merges the recipe reads (a chain's earlier stages): its names not in `models`."""
+        return [m for m in self.models() if m not in models]
 
 
 def merge_spec(name: str, entry: Mapping[str, Any]) -> MergeSpec:
@@ -227,11 +243,31 @@ def check_config(config: Mapping[str, Any]) -> dict[str, MergeSpec]:
         if not NAME_RE.match(name) or name in ("models", "demo", "references", "audits"):
             raise ConfigError(f"config error: merges.{name}: not a usable merge name (letters, "
                               "digits, _ . -; not models/demo/references/audits)")
-        spec = merge_spec(name, entry)
-        _check_merge(spec, models)
-        merges[name] = spec
+        merges[name] = merge_spec(name, entry)
+    for spec in merges.values():
+        _check_merge(spec, models, merges)
+    _check_cycles(merges, models)
     _check_audits(config.get("audits") or {}, models, merges)
     return merges
+
+
+def _check_cycles(merges: Mapping[str, MergeSpec], models: Mapping[str, Any]) -> None:
+    """Merges that read merges (a chain's stages) must not read each other in a cycle."""
+    visited: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = " -> ".join(path[path.index(name):] + [name])
+            raise ConfigError(f"config error: merges.{name}.recipe: the merges read each other in a "
+                              f"cycle: {cycle}")
+        if name in visited:
+            return
+        for stage in merges[name].stages(models):
+            visit(stage, path + [name])
+        visited.add(name)
+
+    for name in merges:
+        visit(name, [])
 
 
 def _check_audits(audits: Mapping[str, Any], models: Mapping[str, Any], merges: Mapping[str, MergeSpec]) -> None:
@@ -253,8 +289,11 @@ def _check_audits(audits: Mapping[str, Any], models: Mapping[str, Any], merges: 
                                   f"model name ({', '.join(models)}), a folder nor a hub id")
 
 
-def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
+def _check_merge(spec: MergeSpec, models: Mapping[str, Any], merges: Mapping[str, MergeSpec]) -> None:
+    """One merge. Its recipe names models, or merges whose output it reads (a chain's earlier
+    stage: one without a grid, and not also the name of a model)."""
     where = f"merges.{spec.name}"
+    inputs = recipe_inputs(models, merges)
     recipe = spec.recipe
     if not isinstance(recipe, dict) or not isinstance(recipe.get("models"), list):
         raise ConfigError(f"config error: {where}.recipe must be a mergekit recipe with `models:`")
@@ -265,9 +304,16 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
     for ref in [e["model"] for e in recipe["models"]] + (
         [recipe["base_model"]] if recipe.get("base_model") else []
     ):
-        if ref not in models:
+        if ref not in inputs:
             raise ConfigError(f"config error: {where}.recipe names model `{ref}`, which is not in "
-                              f"models: (known: {', '.join(models) or 'none'})")
+                              f"models: (known: {', '.join(models) or 'none'}) nor a merge "
+                              f"(known: {', '.join(merges) or 'none'})")
+        if ref in models and ref in merges:
+            raise ConfigError(f"config error: {where}.recipe names `{ref}`, which is both a model "
+                              "and a merge; rename one of them")
+        if ref in merges and merges[ref].grid:
+            raise ConfigError(f"config error: {where}.recipe names `{ref}`, a merge with a grid: a "
+                              f"stage another merge reads is one model, so merges.{ref} may have no grid")
     if spec.transplant_from is not None and spec.transplant_from not in models:
         raise ConfigError(f"config error: {where}.transplant_from: `{spec.transplant_from}` is not "
                           f"in models: (known: {', '.join(models)})")
@@ -277,7 +323,7 @@ def _check_merge(spec: MergeSpec, models: Mapping[str, Any]) -> None:
     _check_grid(spec, where)
     for point in spec.points:
         try:
-            recipe_obj = parse_recipe(render_recipe(spec, models, point), version=spec.mergekit_version,
+            recipe_obj = parse_recipe(render_recipe(spec, inputs, point), version=spec.mergekit_version,
                                       strict=True)
         except RemergeError as err:
             raise ConfigError(f"config error: {where}.recipe: {err}") from None

@@ -10,6 +10,7 @@ these paths under logs/ and benchmarks/ (spelled in each rule, next to its outpu
     results/<merge>/plan.json                   the shard plan, shared by every grid point
     results/<merge>/<point>/model/              the merged model folder
     results/<merge>/<point>/...                 digests, tensors.json, configs.json, eval, scores, provenance
+    results/<merge>/single/manifest.json        a merge another merge reads (a chain's stage): its files
     results/<merge>/grid.tsv, grid.png          the grid's table and picture
     results/references/<model>/...             evaluations of the input models
     results/audits/<audit>/audit.json, .md      audits of published merges
@@ -39,6 +40,7 @@ DIGESTS = POINT + "/digests/{shard}.json"  # sha256 of each tensor of one shard
 TENSORS = POINT + "/tensors.json"  # every tensor's sha256 and their digest
 CONFIGS = POINT + "/configs.json"  # which json/tokenizer file came from which model
 PROVENANCE = POINT + "/provenance.json"
+STAGE_MANIFEST = POINT + "/manifest.json"  # the model folder's files, for a merge that reads it
 EVAL_RESULTS = POINT + "/eval/results.json"  # lm-eval's full results
 EVAL_SAMPLES = POINT + "/eval/samples"
 SCORES = POINT + "/scores.json"

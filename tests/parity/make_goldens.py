@@ -86,6 +86,13 @@ RECIPE_OPTIONS = {
     "dare_ties_seed_bf16": ["--random-seed", "42"],
 }
 
+
+def single_stage_recipes() -> list:
+    """The recipes mergekit-yaml runs: all but the multi-stage `multi_*.yml` ones, which
+    make_multi_goldens.py runs with mergekit-multi (0.1.5 only)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yml") if not p.stem.startswith("multi_"))
+
+
 # --------------------------------------------------------------------------------------
 # the input models (built inside a venv: needs torch, safetensors, tokenizers)
 # --------------------------------------------------------------------------------------
@@ -429,7 +436,7 @@ def compare_goldens(versions: list) -> list:
 
     rows = []
     a_ver, b_ver = versions
-    recipes = sorted(p.stem for p in RECIPES.glob("*.yml"))
+    recipes = single_stage_recipes()
     for recipe in recipes:
         a, b = GOLDENS / a_ver / recipe, GOLDENS / b_ver / recipe
         ra, rb = (a / "REFUSED.txt").exists(), (b / "REFUSED.txt").exists()
@@ -687,7 +694,7 @@ def main(argv=None) -> int:
             )
         if args.models_only:
             return 0
-        recipes = sorted(p.stem for p in RECIPES.glob("*.yml"))
+        recipes = single_stage_recipes()
         missing = [r for r in args.only if r not in recipes]
         if missing:
             ap.error(f"no recipe named {missing}")
@@ -696,7 +703,7 @@ def main(argv=None) -> int:
                 for old in (
                     sorted((GOLDENS / v).glob("*")) if (GOLDENS / v).exists() else []
                 ):
-                    if old.is_dir() and old.name not in recipes:
+                    if old.is_dir() and old.name not in recipes and not old.name.startswith("multi_"):
                         shutil.rmtree(old)
                         print(f"[{v}] removed stale {old.name}")
         recipes = args.only or recipes
