@@ -270,3 +270,76 @@ def test_slerp_ends_are_the_inputs_and_parallel_inputs_interpolate_linearly():
     a, b = torch.randn(40, 30, generator=g).bfloat16(), torch.randn(40, 30, generator=g).bfloat16()
     assert torch.equal(slerp(0.0, a, b), a) and torch.equal(slerp(1.0, a, b), b)
     assert torch.equal(slerp(0.25, a, -a), (0.5 * a.float()).bfloat16())  # antipodal: lerp, (1 - 2t) a
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_fused_combine_is_torchs_combine_bit_for_bit(n):
+    from remerge.merge.methods import task_arithmetic as ta
+
+    assert ta.combine_kernel() is not None, "the fused kernel should be built and verified here"
+    g = torch.Generator().manual_seed(n)
+    size = 3000
+    base = (torch.randn(size, generator=g) * 0.02).bfloat16()
+    deltas = (torch.randn(n, size, generator=g) * 1e-3).bfloat16()
+    deltas[torch.rand(deltas.shape, generator=g) < 0.4] = 0
+    deltas[:, :500] = deltas[:, :500].sign() * 1e-3  # equal magnitudes: cancellations, ties
+    weights = (torch.rand(n, generator=g) * 2 - 0.5).tolist()
+    for steps in (ta.Steps("magnitude", True), ta.Steps(None, False)):
+        for ws in (weights, [1.0] * n, [0.0] * n):
+            for normalize, lam in ((True, 1.0), (False, 0.7), (True, 1 / 3)):
+                shared = {"int8_mask": True, "normalize": normalize, "lambda": lam}
+                expected = ta.combine(steps, base, deltas.clone(), ws, shared)
+                fused = ta.fused_combine(steps, base, deltas, ws, shared)
+                assert torch.equal(fused.view(torch.int16), expected.view(torch.int16)), (steps, ws, normalize, lam)
+
+
+def test_fused_combine_leaves_non_finite_values_to_torch():
+    from remerge.merge.methods import task_arithmetic as ta
+
+    base = torch.zeros(8, dtype=torch.bfloat16)
+    shared = {"int8_mask": False, "normalize": True, "lambda": 1.0}
+    for bad in (float("nan"), float("inf")):
+        deltas = torch.full((2, 8), 1e-3, dtype=torch.bfloat16)
+        deltas[1, 3] = bad
+        assert ta.fused_combine(ta.Steps("magnitude", True), base, deltas, [1.0, 1.0], shared) is None
+    huge = torch.full((2, 8), 3e38, dtype=torch.bfloat16)  # the float32 sum overflows
+    assert ta.fused_combine(ta.Steps(None, False), base, huge, [1.0, 1.0], shared) is None
+    assert ta.fused_combine(ta.Steps(None, False), base.float(), huge.float(), [1.0, 1.0], shared) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_ranks_are_torchs_double_argsort(dtype):
+    from remerge.merge.kernels import native
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 2), (3, 17), (50, 100), (4, 5000)]:
+        for kind in range(3):
+            x = torch.randn(shape, generator=g) * 0.01
+            if kind == 1:
+                x = torch.randint(-3, 4, shape, generator=g).float()  # few distinct magnitudes
+            if kind == 2:
+                x[torch.rand(shape, generator=g) < 0.4] = 0
+            d = x.to(dtype)
+            expected = torch.argsort(d.abs(), dim=1, descending=False).argsort(dim=1)
+            assert torch.equal(native.rank_rows(d, descending=False), expected.int()), (shape, kind)
+
+
+@pytest.mark.parametrize("version", ["0.0.5.1", "0.1.4", "0.1.5"])
+def test_compiled_dare_and_della_draw_what_torch_draws(version):
+    from remerge.merge.methods import sparsify as sp
+
+    assert sp.dare_kernel() is not None, "the DARE kernel should be built and verified here"
+    release = RELEASES[version]
+    for seed in (0, 5, 2**33 + 1):
+        for shape in ((1000,), (300, 77)):
+            d = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1e-3).bfloat16()
+            d.view(-1)[::9] = 0
+            for kind, params in (("random", {"density": 0.3}), ("della_magprune", {"density": 0.5, "epsilon": 0.2})):
+                for rescale in (True, False):
+                    expected = sp.sparsify(kind, d, params, rescale, release, seed)
+                    ours = d.clone()
+                    sp.sparsify_(kind, ours, params, rescale, release, seed)
+                    assert torch.equal(ours.view(torch.int16), expected.view(torch.int16)), (kind, seed, shape, rescale)
+    ours = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.bfloat16)
+    assert not sp.dare_(ours, 0.5, None, 0, release)  # left to torch, unchanged
+    assert ours[0] == 1 and ours[2] == 2

@@ -1,10 +1,17 @@
-"""The compiled sparsification kernel (`_introselect.c`), built on first use.
+"""The compiled kernels (`_introselect.c`), built on first use.
 
-It replays libstdc++'s std::sort (what torch's CPU sort runs) only on the ranges that decide
-which entries fall before a cut, so it keeps exactly the entries mergekit keeps, in linear
-time and 6-8 bytes per element instead of a full sort's 20. It is compiled with the system's
-C compiler into a cache folder (`$REMERGE_CACHE`, default `~/.cache/remerge`); where there is
-no compiler, or with `REMERGE_NATIVE=0`, remerge uses torch's sort itself (same result, slower).
+- Selection: it replays libstdc++'s std::sort (what torch's CPU sort runs) only on the ranges
+  that decide which entries fall before a cut, so it keeps exactly the entries mergekit keeps
+  (TIES, breadcrumbs), in linear time and 6-8 bytes per element instead of a full sort's 20;
+  the whole sort replayed gives DELLA's ranks (`rank_rows`) without torch's second sort.
+- Fused arithmetic, each checked against torch's own steps on this machine before first use
+  (`verified`): the seed's `base + (x - base)`, the TIES-family combination of the task
+  vectors (`task_arithmetic.fused_combine`) and DARE's / DELLA's draws from torch's MT19937
+  stream (`sparsify.dare_`).
+
+It is compiled with the system's C compiler into a cache folder (`$REMERGE_CACHE`, default
+`~/.cache/remerge`); where there is no compiler, or with `REMERGE_NATIVE=0`, remerge uses
+torch itself (same result, slower).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import tempfile
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import numpy
@@ -77,11 +84,14 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(err, "stderr", "") or err
         log.warning("sparsification kernel unavailable (%s); using torch's sort (slower, same result)", detail)
         return None
+    p, i64, c_int, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
     for name in ("remerge_select16", "remerge_select32"):
         fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+        fn.restype = c_int
+        fn.argtypes = [p, i64, c_int, i64, i64, p, p, u32, u32]
+        rank = getattr(lib, name + "_rank")
+        rank.restype = c_int
+        rank.argtypes = [p, i64, i64, c_int, p, p, p, u32, u32]
     return lib
 
 
@@ -102,6 +112,27 @@ def zero_outside(delta: "torch.Tensor", descending: bool, lo: int, hi: int) -> b
     rc = getattr(lib, name)(delta.data_ptr(), n, int(descending), lo, hi, keys.data_ptr(),
                             order.data_ptr(), inf, nan_key)
     return rc == 0
+
+
+def rank_rows(delta: "torch.Tensor", descending: bool) -> "torch.Tensor | None":
+    """Each entry's position in torch's sort of |delta| along its rows, `(rows, n)` int32:
+    `torch.argsort(delta.abs(), dim=1).argsort(dim=1)`, bit for bit (the same sort replayed,
+    then inverted in one pass instead of a second sort). None where the kernel cannot do it."""
+    import torch
+
+    lib = library()
+    spec = KERNELS.get(str(delta.dtype).removeprefix("torch."))
+    if lib is None or spec is None or delta.dim() != 2 or not delta.is_contiguous() \
+            or not 0 < delta.shape[1] < 2**31:
+        return None
+    name, key_dtype, inf, nan_key = spec
+    rows, n = delta.shape
+    ranks = torch.empty((rows, n), dtype=torch.int32)
+    keys = torch.empty(n, dtype=getattr(torch, key_dtype))
+    order = torch.empty(n, dtype=torch.int32)
+    rc = getattr(lib, name + "_rank")(delta.data_ptr(), rows, n, int(descending), ranks.data_ptr(),
+                                       keys.data_ptr(), order.data_ptr(), inf, nan_key)
+    return ranks if rc == 0 else None
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -151,39 +182,56 @@ def _agrees_with_torch(fn: Any) -> bool:
     return torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
-@lru_cache(maxsize=1)
-def plain_difference_kernel() -> Any:
-    """The fused bf16 `base + (x - base)`, once checked against torch's own arithmetic on this
-    machine (the verdict is cached per torch version and CPU, so later runs need no torch);
-    None where it disagrees or cannot be built."""
+def verified(name: str, argtypes: list, agrees: "Callable[[Any], bool]") -> Any:
+    """Kernel `name` of the library, once `agrees(fn)` found it equal to torch's own
+    arithmetic on this machine (the verdict is cached per kernel, torch version and CPU, so
+    later runs need no check); None where it disagrees or cannot be built."""
     lib = library()
     if lib is None:
         return None
-    fn = lib.remerge_plain_difference_bf16
+    fn = getattr(lib, name)
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    verdict = cache_dir() / f"introselect-{build_id()}.verified.json"
+    fn.argtypes = argtypes
+    verdict = cache_dir() / f"introselect-{build_id()}.{name}.verified.json"
     machine = _machine()
     try:
         if json.loads(verdict.read_text()) == machine:
             return fn
     except (OSError, ValueError):
         pass
-    if not _agrees_with_torch(fn):
-        log.warning("the fused bf16 kernel differs from torch on this machine; not used")
+    if not agrees(fn):
+        log.warning("the fused kernel %s differs from torch on this machine; not used", name)
         return None
     verdict.write_text(json.dumps(machine))
     return fn
 
 
+@lru_cache(maxsize=1)
+def plain_difference_kernel() -> Any:
+    """The fused bf16 `base + (x - base)` (checked against torch: `verified`)."""
+    p = ctypes.c_void_p
+    return verified("remerge_plain_difference_bf16", [p, p, p, ctypes.c_int64], _agrees_with_torch)
+
+
+def parts(n: int, chunks: int, smallest: int = 1 << 16) -> list[tuple[int, int]]:
+    """[0, n) in up to `chunks` ranges of at least `smallest` elements (one kernel call each)."""
+    step = max(smallest, -(-n // max(1, chunks)))
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def run_parts(run: "Callable[[tuple[int, int]], int]", n: int, pool: Any, chunks: int) -> bool:
+    """`run` over the `parts` of [0, n), on `pool` where there are several; False if any
+    part returned nonzero (a kernel met a value it leaves to torch)."""
+    ranges = parts(n, chunks)
+    codes = list(pool.map(run, ranges)) if pool is not None and len(ranges) > 1 else [run(r) for r in ranges]
+    return not any(codes)
+
+
 def _run_plain(fn: Any, x: int, base: int, out: int, n: int, pool: Any, chunks: int) -> bool:
     """The kernel over [0, n) in up to `chunks` parts (2-byte elements); False if any part
     met a non-finite difference."""
-    step = max(1 << 16, -(-n // max(1, chunks)))
-    parts = [(start, min(n, start + step)) for start in range(0, n, step)]
     run = lambda p: fn(x + 2 * p[0], base + 2 * p[0], out + 2 * p[0], p[1] - p[0])  # noqa: E731
-    codes = list(pool.map(run, parts)) if pool is not None and len(parts) > 1 else [run(p) for p in parts]
-    return not any(codes)
+    return run_parts(run, n, pool, chunks)
 
 
 def plain_difference_raw(x: "numpy.ndarray", base: "numpy.ndarray", pool: Any = None,

@@ -15,13 +15,15 @@ Shapes: `base` and each input `(*shape)`; stacked task vectors `(n, *shape)`, n 
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from remerge.lazy import lazy_import
 from remerge.merge.methods import REQUIRED, MethodSpec, Parameter
 from remerge.errors import RecipeError
+from remerge.merge.kernels import native
 from remerge.merge.methods.sparsify import RANDOM_KINDS, sparsifies, sparsify, sparsify_
 
 if TYPE_CHECKING:
@@ -97,6 +99,80 @@ def combine(steps: Steps, base: "torch.Tensor", deltas: "torch.Tensor", weights:
     if shared["lambda"] != 1:
         mixed *= shared["lambda"]
     return (base + mixed).to(base.dtype)
+
+
+def _fixed_divisor(weights: Sequence[float], dtype: "torch.dtype") -> float:
+    """What `combine` divides by without sign election: the weights' sum in the compute
+    dtype, 1 where it is (nearly) zero."""
+    divisor = weight_column(weights, dtype, 0).sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return float(divisor)
+
+
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+COMBINE_ARGS = [_P, _I64, _INT, _P, _INT, _INT, _F, _INT, _F, _P, _P, _I64]
+FUSED_MAX_MODELS = 64
+
+
+def _fused(fn: Any, steps: Steps, base: "torch.Tensor", deltas: "torch.Tensor",
+           weights: Sequence[float], shared: Mapping[str, Any], pool: "Executor | None" = None,
+           chunks: int = 2) -> "torch.Tensor | None":
+    """`combine` in one pass of the compiled kernel (bf16 only), on `chunks` parts of the
+    elements in parallel on `pool`; None where the kernel leaves it to torch (non-finite
+    values). deltas: (n, *shape) contiguous, read only."""
+    n, numel = deltas.shape[0], base.numel()
+    w_bf16 = weight_column(weights, torch.bfloat16, 0).float()  # the weights as bf16 rounds them
+    w = (ctypes.c_float * n)(*w_bf16.tolist())
+    fixed = 0.0 if steps.consensus else _fixed_divisor(weights, torch.bfloat16)
+    lam = shared["lambda"]
+    out = torch.empty_like(base)
+    d, b, o = deltas.data_ptr(), base.data_ptr(), out.data_ptr()
+
+    def run(part: tuple[int, int]) -> int:
+        lo, hi = part
+        return fn(d + 2 * lo, numel, n, w, int(steps.consensus), int(shared["normalize"]),
+                  fixed, int(lam != 1), lam, b + 2 * lo, o + 2 * lo, hi - lo)
+
+    return out if native.run_parts(run, numel, pool, chunks) else None
+
+
+def _combine_agrees(fn: Any) -> bool:
+    """The kernel against `combine` (torch's own steps) on ordinary, tiny and huge values,
+    with and without sign election, weights, normalizing and lambda."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1e-39, 1e-3, 1.0, 3e37]).repeat_interleave(4096)
+    base = (torch.randn(scale.numel(), generator=g) * scale).bfloat16()
+    deltas = (torch.randn(3, scale.numel(), generator=g) * scale).bfloat16()
+    deltas[torch.rand(deltas.shape, generator=g) < 0.3] = 0
+    cases = [(Steps("magnitude", True), [0.5, 0.3, 0.2], True, 1.0),
+             (Steps("magnitude", True), [1.0, 1.0, 1.0], False, 0.7),
+             (Steps(None, False), [0.3, 0.3, 0.7], True, 1.3)]
+    for steps, weights, normalize, lam in cases:
+        shared = {"int8_mask": False, "normalize": normalize, "lambda": lam}
+        expected = combine(steps, base, deltas.clone(), weights, shared)
+        ours = _fused(fn, steps, base, deltas, weights, shared, chunks=1)
+        if ours is None or not torch.equal(ours.view(torch.int16), expected.view(torch.int16)):
+            return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def combine_kernel() -> Any:
+    """The compiled bf16 `combine`, checked against torch on this machine; None without it."""
+    return native.verified("remerge_combine_bf16", COMBINE_ARGS, _combine_agrees)
+
+
+def fused_combine(steps: Steps, base: "torch.Tensor", deltas: "torch.Tensor",
+                  weights: Sequence[float], shared: Mapping[str, Any],
+                  pool: "Executor | None" = None) -> "torch.Tensor | None":
+    """`combine`, bit for bit, in one pass over memory instead of about ten where the kernel
+    applies (bf16 task vectors and base, at most 64 models); None elsewhere."""
+    if base.dtype != torch.bfloat16 or deltas.dtype != torch.bfloat16 or not 0 < len(weights) <= FUSED_MAX_MODELS:
+        return None
+    if not (base.is_contiguous() and deltas.is_contiguous()):
+        return None
+    fn = combine_kernel()
+    return None if fn is None else _fused(fn, steps, base, deltas, weights, shared, pool)
 
 
 # --- one tensor ------------------------------------------------------------------------------
@@ -179,7 +255,9 @@ def merge(steps: Steps, task: "TensorTask", inputs: "TensorInputs",
     parallel = pool is not None and SORT_BYTES_PER_ELEMENT * numel * n <= PARALLEL_SORT_BYTES
     list(pool.map(run, jobs) if parallel else map(run, jobs))
     base = inputs.base() if kind is not None else base
-    return combine(steps, base, deltas, [p["weight"] for p in task.params], task.shared)
+    weights = [p["weight"] for p in task.params]
+    fused = fused_combine(steps, base, deltas, weights, task.shared, pool)
+    return fused if fused is not None else combine(steps, base, deltas, weights, task.shared)
 
 
 # --- the methods -------------------------------------------------------------------------------
