@@ -19,20 +19,22 @@ ARCH = Path(__file__).resolve().parent / "parity" / "arch"
 GOLDENS = ARCH / "goldens" / "0.1.5"
 RECIPES = sorted(p.stem for p in (ARCH / "recipes").glob("*.yml"))
 OPTIONS = {"passthrough": ["--out-shard-size", "20K"]}  # as make_arch_goldens.py ran them
+SHARDED = ("mixtral", "mixtral_mixed")  # every method into several shards there
 
 METHODS = ("ties", "slerp", "linear", "passthrough")
 # Where remerge and mergekit 0.1.5 part: recipe -> (why, remerge's exit code, a line of its stderr).
 DIVERGENCES = {
-    **{f"mixtral_{m}": (
-        "transformers saves Mixtral's experts one by one (block_sparse_moe.experts.N.w1/w2/w3); "
-        "mergekit fuses them while loading, through transformers 5's conversion mapping; remerge "
-        "refuses the layout in one line", 2, "a conversion remerge does not reproduce") for m in METHODS},
     **{f"gpt_neox_{m}": (
         "a transformers 5 checkpoint stores no attention.bias / masked_bias / rotary_emb.inv_freq, "
         "which mergekit's definition requires (it fails); remerge leaves out required tensors that "
         "no input stores, with a warning (gpt_neox_buffers_* store them: identical)", 0,
         "which mergekit's GPTNeoXForCausalLM definition requires") for m in METHODS},
 }
+
+
+def options(recipe: str) -> list[str]:
+    arch, method = recipe.rsplit("_", 1)
+    return OPTIONS.get(method) or (["--out-shard-size", "20K"] if arch in SHARDED else [])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def merged(tmp_path_factory):
             logging.getLogger("remerge").addHandler(handler)
             with contextlib.redirect_stderr(err):
                 code = main(["merge", f"recipes/{recipe}.yml", str(out), "--mergekit-version", "0.1.5",
-                             *OPTIONS.get(recipe.rsplit("_", 1)[1], [])])
+                             *options(recipe)])
             logging.getLogger("remerge").removeHandler(handler)
             results[recipe] = (code, err.getvalue(), out)
     finally:

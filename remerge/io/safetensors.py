@@ -6,6 +6,11 @@ shard job holds one tensor (or one chunk of rows) per input at a time. Every hea
 up front (length, JSON, dtypes, offsets within the file) so that a truncated or garbage shard
 fails with its file named before any work is done.
 
+A folder may also hold composed tensors (`ModelFolder.compose`): a name the files do not
+store, whose bytes are those of several stored tensors one after the other (Mixtral's experts,
+stored one by one, read as the fused tensor mergekit merges). Reading one, or rows of it,
+copies just those bytes from its parts into a fresh buffer.
+
 Writing: the header of an output shard is known from the plan (names, dtypes, shapes), so
 `ShardWriter` writes it first and then each tensor at its offset, in any order (a large tensor
 may come in pieces, in order); the file appears under its final name only when complete
@@ -81,6 +86,14 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * element_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class ComposedInfo(TensorInfo):
+    """A tensor the files do not store: the bytes of `parts` (stored tensors of its dtype), one
+    after the other, in its shape. `file` is its first part's (for messages)."""
+
+    parts: tuple[TensorInfo, ...] = ()
 
 
 # A range [start, stop) of a tensor's first dimension: a contiguous run of its bytes.
@@ -170,10 +183,12 @@ class ModelFolder:
     """The safetensors weights of one model folder, read lazily.
 
     `label` names the model in messages (its recipe reference). Construction reads and
-    checks every header; `load(name)` reads one tensor.
+    checks every header; `load(name)` reads one tensor. `composed`: the composed tensors to
+    add (as `composed` records them: name -> {"shape": [...], "parts": [stored names]}).
     """
 
-    def __init__(self, path: str | Path, label: str | None = None):
+    def __init__(self, path: str | Path, label: str | None = None,
+                 composed: Mapping[str, Mapping[str, Any]] | None = None):
         self.path = Path(path)
         self.label = label or str(path)
         self.tensors: dict[str, TensorInfo] = {}
@@ -187,6 +202,25 @@ class ModelFolder:
                                                 data_start + entry["data_offsets"][0])
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.composed: dict[str, dict[str, list]] = {}  # name -> {"shape", "parts"}, as added
+        for name, entry in (composed or {}).items():
+            self.compose(name, entry["shape"], entry["parts"])
+
+    def compose(self, name: str, shape: Sequence[int], parts: Sequence[str]) -> None:
+        """Add a composed tensor: `name`, of `shape`, whose bytes are those of the stored
+        tensors `parts` one after the other (all of one dtype, as many elements in all)."""
+        infos = tuple(self.info(p) for p in parts)
+        if name in self.tensors or not infos or any(isinstance(i, ComposedInfo) for i in infos):
+            raise ValueError(f"model {self.label}: cannot compose {name} of {list(parts)}")
+        info = ComposedInfo(name, infos[0].file, infos[0].dtype, tuple(shape), parts=infos)
+        dtypes = sorted({i.dtype for i in infos})
+        if len(dtypes) > 1 or sum(i.numel for i in infos) != info.numel:
+            raise ModelError(
+                f"model {self.label}: cannot read {name} from {', '.join(parts)} (dtypes "
+                f"{', '.join(dtypes)}, {sum(i.numel for i in infos)} elements for the shape "
+                f"{list(shape)}): they must share one dtype and hold its elements exactly")
+        self.tensors[name] = info
+        self.composed[name] = {"shape": list(shape), "parts": list(parts)}
 
     def _weight_files(self) -> list[Path]:
         if not self.path.is_dir():
@@ -239,12 +273,41 @@ class ModelFolder:
         import torch
 
         info = self.info(name)
+        if isinstance(info, ComposedInfo):
+            return self.view(name)  # a fresh buffer already
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        got = os.preadv(self._fd(info.file), [buffer.numpy()], info.offset) if info.nbytes else 0
-        if got != info.nbytes:
-            raise ModelError(f"model {self.label}: {info.file} ended while reading tensor {name} "
-                             f"({got} of {info.nbytes} bytes): the file is truncated; copy it again")
+        self._pread(info, buffer.numpy(), 0)
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def _pread(self, info: TensorInfo, buffer: "numpy.ndarray", at: int) -> None:
+        """Fill `buffer` (bytes) with the tensor's bytes from its byte `at` on."""
+        want = buffer.nbytes
+        got = os.preadv(self._fd(info.file), [buffer], info.offset + at) if want else 0
+        if got != want:
+            raise ModelError(f"model {self.label}: {info.file} ended while reading tensor {info.name} "
+                             f"({got} of {want} bytes): the file is truncated; copy it again")
+
+    @staticmethod
+    def _spans(info: ComposedInfo, first: int, count: int):
+        """The parts holding elements [first, first + count) of a composed tensor: (part, its
+        first element wanted, how many, where they go among the `count`)."""
+        start = 0
+        for part in info.parts:
+            lo, hi = max(first, start), min(first + count, start + part.numel)
+            if lo < hi:
+                yield part, lo - start, hi - lo, lo - first
+            start += part.numel
+
+    def _gather(self, info: ComposedInfo, first: int, count: int) -> "numpy.ndarray":
+        """Elements [first, first + count) of a composed tensor: their bytes (uint8), read from
+        its parts into a fresh buffer of just that size."""
+        import numpy as np
+
+        width = element_size(info.dtype)
+        out = np.empty(count * width, dtype=np.uint8)
+        for part, at, n, to in self._spans(info, first, count):
+            self._pread(part, out[to * width:(to + n) * width], at * width)
+        return out
 
     def _map(self, info: TensorInfo, first: int, count: int) -> tuple[mmap.mmap, int]:
         """A read-only mapping of just the pages of elements [first, first + count) of this
@@ -267,6 +330,9 @@ class ModelFolder:
         first, count, shape = row_span(info.shape, rows)
         if count == 0:
             return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        if isinstance(info, ComposedInfo):  # a copy of those rows (writable; still never write)
+            data = torch.from_numpy(self._gather(info, first, count))
+            return data.view(torch_dtype(info.dtype)).reshape(shape)
         mapped, offset = self._map(info, first, count)
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: we know
             warnings.simplefilter("ignore", UserWarning)
@@ -284,6 +350,8 @@ class ModelFolder:
         first, count, _ = row_span(info.shape, rows)
         if count == 0:
             return np.empty(0, dtype=width)
+        if isinstance(info, ComposedInfo):
+            return self._gather(info, first, count).view(width)
         mapped, offset = self._map(info, first, count)
         return np.frombuffer(mapped, dtype=width, count=count, offset=offset)
 
@@ -294,9 +362,12 @@ class ModelFolder:
         info = self.info(name)
         first, count, _ = row_span(info.shape, rows)
         width = element_size(info.dtype)
-        if count and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd(info.file), info.offset + first * width, count * width,
-                             os.POSIX_FADV_WILLNEED)
+        spans = (self._spans(info, first, count) if isinstance(info, ComposedInfo)
+                 else [(info, first, count, 0)])
+        for part, at, n, _ in spans:
+            if n and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd(part.file), part.offset + at * width, n * width,
+                                 os.POSIX_FADV_WILLNEED)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

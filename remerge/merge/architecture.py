@@ -17,8 +17,13 @@ A file holds (our format; the facts are those of the file of mergekit 0.1.5 that
 - `tied`: tensor -> the tensor a model without it reads instead (`lm_head.weight` ->
   `model.embed_tokens.weight`), in releases that read one (`Release.lm_head_fallback`);
 - `embeddings`: the tensors indexed by token id (mergekit's `vocabulary_axis`);
-- `unsupported_layouts` (optional): name fragment -> why remerge refuses a model storing
-  tensors named so (Mixtral's per-expert layout, which mergekit converts while loading).
+- `checkpoint_layout` (optional): how a model that does not store a layer tensor under its
+  listed name stores it instead, as transformers 5's conversion mapping for the model type
+  says, which mergekit 0.1.5 applies while loading (`mergekit/architecture/conversion.py`):
+  `renamed` (fragment -> replacement: a stored `block_sparse_moe.gate.weight` is read as
+  `mlp.gate.weight`), then `fused` (layer tensor -> the patterns of its parts, `*` an expert
+  index: Mixtral's `mlp.experts.gate_up_proj` is, for each expert in numeric order, its
+  `w1.weight` then its `w3.weight`, [E, 2I, H]). See `checkpoint_tensors`.
 
 Tensors a model stores that its architecture does not list are not merged: mergekit ignores
 them. The layers of every architecture here are named `<prefix>layers.N.`, which the name
@@ -52,7 +57,8 @@ class Architecture:
     optional: frozenset[str] = frozenset()
     tied: Mapping[str, str] = field(default_factory=dict)
     embeddings: tuple[str, ...] = ()
-    unsupported_layouts: Mapping[str, str] = field(default_factory=dict)
+    renamed: Mapping[str, str] = field(default_factory=dict)  # `checkpoint_layout`
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def layer_name(self, index: int | str, suffix: str) -> str:
         """Layer `index`'s tensor `suffix`: (3, "mlp.up_proj.weight") -> model.layers.3.mlp.up_proj.weight"""
@@ -65,10 +71,57 @@ class Architecture:
     def is_embedding(self, name: str) -> bool:
         return name in self.embeddings
 
-    def refusal(self, names: list[str]) -> str | None:
-        """Why remerge refuses a model storing these tensor names, else None."""
-        return next((why for part, why in self.unsupported_layouts.items()
-                     if any(part in n for n in names)), None)
+    def checkpoint_tensors(self, ref: str, shapes: Mapping[str, tuple[int, ...]]
+                           ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """The layer tensors a model (stored tensor -> shape) holds in the checkpoint layout
+        only, as mergekit 0.1.5 builds them while loading: name -> (shape, the stored tensors
+        whose bytes, one after the other, are its bytes; in their dtype, cast afterwards like
+        any input). A tensor stored under its own name is read as it is (mergekit looks for it
+        first). A renamed tensor is its one part; a fused one is `torch.cat` of the stacked
+        experts of each pattern (`MergeModulelist`, `Concatenate(dim=1)`): per expert, in
+        numeric order, its pattern's tensors in turn, shape [experts, sum of their rows, ...]."""
+        if not self.renamed and not self.fused:
+            return {}
+        out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        as_read: dict[str, str] = {}  # layer tensor name after renaming -> stored name
+        for name in sorted(shapes):
+            if layer_index(name) is None:
+                continue
+            new = name
+            for old, replacement in self.renamed.items():
+                new = new.replace(old, replacement)
+            as_read.setdefault(new, name)
+            if new != name and new not in shapes and layer_suffix(new) in self.layer:
+                out[new] = (shapes[name], (name,))
+        for i in sorted({layer_index(n) for n in as_read}):
+            for suffix, patterns in self.fused.items():
+                target = self.layer_name(i, suffix)
+                if target not in shapes:
+                    if fused := self._fuse(ref, target, i, patterns, as_read, shapes):
+                        out[target] = fused
+        return out
+
+    def _fuse(self, ref: str, target: str, layer: int, patterns: tuple[str, ...],
+              as_read: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]):
+        """(shape, parts) of one fused layer tensor, None when the model has none of its parts."""
+        experts = []  # per pattern: expert index -> stored name
+        for pattern in patterns:
+            regex = re.compile(re.escape(self.layer_name(layer, pattern)).replace(r"\*", r"(\d+)") + "$")
+            experts.append({int(m.group(1)): stored for n, stored in as_read.items()
+                            if (m := regex.match(n))})
+        if not any(experts):
+            return None
+        order = sorted(experts[0])
+        parts = [[e[k] for e in experts] for k in order] if all(sorted(e) == order for e in experts) else []
+        first = [shapes[n] for n in parts[0]] if parts else []
+        if not parts or any([shapes[n] for n in p] != first for p in parts) \
+                or len({s[1:] for s in first}) != 1:
+            raise ModelError(
+                f"model {ref}: cannot build {target} from its experts' "
+                f"{', '.join(p.replace('*', 'N') for p in patterns)}: every expert needs each of "
+                "them, of one shape per pattern (mergekit fails on this model while merging)")
+        shape = (len(order), sum(s[0] for s in first), *first[0][1:])
+        return shape, tuple(n for p in parts for n in p)
 
 
 @cache
@@ -94,7 +147,8 @@ def architecture(name: str) -> Architecture:
         name=name, model_type=d["model_type"], layers_key=d["layers_key"], pre=tuple(d["pre"]),
         layer_prefix=d["layer_prefix"], layer=tuple(d["layer"]), post=tuple(d["post"]),
         optional=frozenset(d["optional"]), tied=dict(d["tied"]), embeddings=tuple(d["embeddings"]),
-        unsupported_layouts=dict(d.get("unsupported_layouts", {})))
+        renamed=dict(d.get("checkpoint_layout", {}).get("renamed", {})),
+        fused={k: tuple(v) for k, v in d.get("checkpoint_layout", {}).get("fused", {}).items()})
 
 
 def architecture_name(config: Mapping) -> str | None:

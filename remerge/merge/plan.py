@@ -83,6 +83,8 @@ class Plan:
     shards: list[list[str]]  # tensor names per output shard, in save order
     tensors: dict[str, TensorPlan] = field(default_factory=dict)  # in save order
     slices: list[list[list]] | None = None  # `slices:` as [[model, start, end], ...] per slice
+    # model -> its composed tensors (`ModelFolder.compose`: Mixtral's experts stored one by one)
+    composed: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def release(self) -> Release:
@@ -100,7 +102,8 @@ class Plan:
         return sum(self.tensors[n].nbytes for n in self.shards[index])
 
     def open_models(self) -> dict[str, ModelFolder]:
-        return {ref: ModelFolder(path, label=ref) for ref, path in self.models.items()}
+        return {ref: ModelFolder(path, label=ref, composed=self.composed.get(ref))
+                for ref, path in self.models.items()}
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -165,7 +168,9 @@ def _config(ref: str, folder: ModelFolder) -> dict:
 
 def model_architecture(models: Mapping[str, ModelFolder]) -> tuple[Architecture, dict[str, dict]]:
     """The architecture every input shares (from each config.json), and each input's config.
-    Different architectures are refused, as mergekit does without `--allow-crimes`."""
+    Different architectures are refused, as mergekit does without `--allow-crimes`. A layer
+    tensor a model stores in the checkpoint layout (`Architecture.checkpoint_tensors`) is added
+    to its folder as a composed tensor, read as mergekit converts it while loading."""
     configs = {ref: _config(ref, folder) for ref, folder in models.items()}
     archs = {ref: architecture_of(ref, config) for ref, config in configs.items()}
     first = next(iter(archs))
@@ -174,8 +179,9 @@ def model_architecture(models: Mapping[str, ModelFolder]) -> tuple[Architecture,
             raise RecipeError(f"model {ref} is a {arch.name} and model {first} a {archs[first].name}; "
                               "mergekit refuses to mix architectures (without --allow-crimes), and so "
                               "does remerge")
-        if why := arch.refusal(models[ref].tensors):
-            raise ModelError(f"model {ref} ({arch.name}): {why}")
+        shapes = {n: info.shape for n, info in models[ref].tensors.items()}
+        for name, (shape, parts) in arch.checkpoint_tensors(ref, shapes).items():
+            models[ref].compose(name, shape, parts)
     return archs[first], configs
 
 
@@ -298,10 +304,12 @@ def _in_layer(name: str, arch: Architecture) -> bool:
 
 
 def _warn_unlisted(models: Mapping[str, ModelFolder], arch: Architecture) -> None:
-    """Say which stored tensors are not merged: those the architecture does not list."""
+    """Say which stored tensors are not merged: those the architecture does not list (and no
+    composed tensor reads)."""
     listed = set(arch.pre) | set(arch.post)
     for ref, folder in models.items():
-        extra = [n for n in folder.tensors if n not in listed
+        parts = {p for entry in folder.composed.values() for p in entry["parts"]}
+        extra = [n for n in folder.tensors if n not in listed and n not in parts
                  and not (_in_layer(n, arch) and layer_suffix(n) in arch.layer)]
         if extra:
             log.warning("model %s: %d tensor(s) that mergekit's %s definition does not list are not "
@@ -424,8 +432,11 @@ def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
     tensors = {p.name: plan_tensor_layout(p, recipe, models, arch) for p in planned}
     for folder in models.values():
         folder.close()
+    # a composed input is no stored name: mergekit's scheduler labels its load "" (`schedule`)
+    stored = lambda ref, src: None if src in models[ref].composed else src  # noqa: E731
     order = save_order(recipe.release, [
-        (p.name, [Read(ref, asked, tensors[p.name].sources[ref]) for ref, asked in p.reads.items()])
+        (p.name, [Read(ref, asked, stored(ref, tensors[p.name].sources[ref]))
+                  for ref, asked in p.reads.items()])
         for p in planned])
     tensors = {name: tensors[name] for name in order}
     return Plan(
@@ -433,6 +444,7 @@ def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
         models={ref: str(folders[ref]) for ref in recipe.inputs}, dtype=recipe.dtype,
         out_dtype=recipe.out_dtype, shards=cut_shards(tensors.values(), out_shard_size),
         tensors=tensors, slices=slice_layout(recipe),
+        composed={ref: f.composed for ref, f in models.items() if f.composed},
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from remerge.errors import RemergeError
+from remerge.io.layout import ELEMENT_SIZES
 from remerge.merge.methods import MethodSpec, get_method
 from remerge.merge.plan import TensorPlan
 from remerge.merge.recipe import Recipe, dump_recipe, parse_recipe
@@ -405,9 +406,11 @@ def shard_mem_mb(plan: Mapping[str, Any], shard: str, attempt: int = 1, recipe: 
     Per element of that chunk, with m merged models and c bytes per element of the compute
     dtype: the m task vectors, their signs during the election and the int8 signs (m x (2c+1)),
     the base and the result (2c), and the selection kernel's scratch (8). Inputs are mapped
-    one at a time, not copied. Measured: about 10 bytes per element for m = 2 in bf16, where
-    this declares 22 (a killed job is retried with half as much again per attempt). The
-    results a chunked job's writer still holds (two chunks) fit in the baseline.
+    one at a time, not copied, except composed ones (Mixtral's experts stored one by one,
+    `plan["composed"]`), each read into a buffer: their stored bytes too. Measured: about 10
+    bytes per element for m = 2 in bf16, where this declares 22 (a killed job is retried with
+    half as much again per attempt). The results a chunked job's writer still holds (two
+    chunks) fit in the baseline.
     """
     index = shard_names(plan).index(shard)
     tensors = {t["name"]: t for t in plan["tensors"]}
@@ -415,10 +418,13 @@ def shard_mem_mb(plan: Mapping[str, Any], shard: str, attempt: int = 1, recipe: 
     width = {"bfloat16": 2, "float16": 2, "float32": 4}
     parsed = parse_recipe(recipe, version=version) if recipe is not None else None
     largest = 0
+    composed = plan.get("composed", {})
     for name in plan["shards"][index]:
         t = tensors[name]
         c = width.get(t["compute_dtype"], 8)
-        largest = max(largest, _chunk_numel(t, parsed) * (merged * (2 * c + 1) + 2 * c + 8))
+        copied = sum(ELEMENT_SIZES[t["stored"][ref]] for ref, src in t["sources"].items()
+                     if src in composed.get(ref, {}))
+        largest = max(largest, _chunk_numel(t, parsed) * (merged * (2 * c + 1) + 2 * c + 8 + copied))
     return int((BASELINE_MB + largest / 1e6) * (1 + 0.5 * (attempt - 1))) + 1
 
 

@@ -21,7 +21,9 @@ release):
 
 `mixtral` is stored as transformers saves it (experts one by one, `block_sparse_moe.`), which
 mergekit 0.1.5 fuses while loading; `mixtral_fused` is stored in the fused layout transformers 5
-holds in memory and mergekit writes (`mlp.experts.gate_up_proj`, ...).
+holds in memory and mergekit writes (`mlp.experts.gate_up_proj`, ...); `mixtral_mixed` mixes
+them: its base and ft_b are `mixtral`-style models converted to the fused layout, ft_a stays
+per-expert.
 Not run by CI. Needs the 0.1.5 side venv of make_goldens.py (created if missing).
 """
 
@@ -54,6 +56,7 @@ ARCHS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2}),  # fused qkv, gate_up
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**ATTN, "num_local_experts": 2, "num_experts_per_tok": 1}),
     "mixtral_fused": ("MixtralConfig", "MixtralForCausalLM", {**ATTN, "num_local_experts": 2, "num_experts_per_tok": 1}),
+    "mixtral_mixed": ("MixtralConfig", "MixtralForCausalLM", {**ATTN, "num_local_experts": 2, "num_experts_per_tok": 1}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # other names, biases
     # with the buffers older checkpoints (Pythia's) store and mergekit's definition requires
     "gpt_neox_buffers": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
@@ -114,6 +117,8 @@ dtype: bfloat16
 """,
 }
 OPTIONS = {"passthrough": ["--out-shard-size", "20K"]}  # per method
+# architectures merged into several shards by every method: the save order of the experts shows
+SHARDED = ("mixtral", "mixtral_mixed")
 
 
 def recipes() -> dict[str, str]:
@@ -122,7 +127,8 @@ def recipes() -> dict[str, str]:
 
 
 def options(recipe: str) -> list[str]:
-    return OPTIONS.get(recipe.rsplit("_", 1)[1], [])
+    arch, method = recipe.rsplit("_", 1)
+    return OPTIONS.get(method) or (["--out-shard-size", "20K"] if arch in SHARDED else [])
 
 
 # --- the models (run inside the side venv) ----------------------------------------------------
@@ -170,6 +176,27 @@ def neox_buffers(config) -> dict:
     return out
 
 
+def fuse_experts(tensors: dict) -> dict:
+    """A per-expert Mixtral's tensors in the fused layout, as transformers 5 converts them:
+    per layer `mlp.experts.gate_up_proj` = cat([stack(w1), stack(w3)], 1), `mlp.experts.down_proj`
+    = stack(w2), `block_sparse_moe.` renamed `mlp.`."""
+    import re
+
+    import torch
+
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        if m := re.match(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight$", name):
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
+        else:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
+    for layer, w in experts.items():
+        stack = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in w.items()}
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.cat([stack["w1"], stack["w3"]], dim=1)
+        out[f"{layer}.mlp.experts.down_proj"] = stack["w2"]
+    return dict(sorted(out.items()))
+
+
 def build_arch(arch: str, out: Path) -> None:
     import torch
     import transformers
@@ -197,6 +224,8 @@ def build_arch(arch: str, out: Path) -> None:
             folder.mkdir(parents=True)
             tensors = base if stream == "base" else {
                 n: t if t.dtype != torch.bfloat16 else fine_tune(arch, stream, n, t) for n, t in base.items()}
+            if arch == "mixtral_mixed" and stream != "ft_a":
+                tensors = fuse_experts(tensors)
             save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
             shutil.copy(f"{tmp}/config.json", folder / "config.json")
             if stream == "base":
