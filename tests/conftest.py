@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,14 @@ def snakemake(workdir: Path, *args: str, config: Path | None = None, timeout: in
 @pytest.fixture()
 def root() -> Path:
     return ROOT
+
+
+def jobs_of(dry_run_output: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run lists (checkpoints included)."""
+    jobs = []
+    for line in dry_run_output.splitlines():
+        if m := re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line):
+            jobs.append((m.group(1), ""))
+        elif jobs and (m := re.match(r"^\s+wildcards: (.*)", line)):
+            jobs[-1] = (jobs[-1][0], m.group(1))
+    return jobs

@@ -4,14 +4,13 @@ changing only the later stage rebuilds only it."""
 
 import hashlib
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, SNAKEMAKE, snakemake
+from conftest import ROOT, SNAKEMAKE, jobs_of, snakemake
 from remerge.workflow.config import ConfigError, check_config
 
 CONFIG = ROOT / "tests" / "configs" / "multistage.yaml"
@@ -23,17 +22,6 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf-multistage")
     snakemake(work, "--cores", "2", config=CONFIG, check=True)
     return work
-
-
-def jobs_of(dry_run_output: str) -> list[tuple[str, str]]:
-    """(rule, wildcards) of every job a dry run lists (checkpoints included)."""
-    jobs = []
-    for line in dry_run_output.splitlines():
-        if m := re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line):
-            jobs.append((m.group(1), ""))
-        elif jobs and (m := re.match(r"^\s+wildcards: (.*)", line)):
-            jobs[-1] = (jobs[-1][0], m.group(1))
-    return jobs
 
 
 def changed_config(tmp_path: Path, change) -> Path:

@@ -1,7 +1,6 @@
 """The workflow end to end on a small configuration, and incremental rebuilds."""
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SNAKEMAKE, snakemake
+from conftest import ROOT, SNAKEMAKE, jobs_of, snakemake
 
 pytestmark = pytest.mark.slow
 CONFIG = ROOT / "tests" / "configs" / "small.yaml"
@@ -22,18 +21,6 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
     snakemake(work, "--cores", "2", config=CONFIG, check=True)
     return work
-
-
-def jobs_of(dry_run_output: str) -> list[tuple[str, str]]:
-    """(rule, wildcards) of every job a dry run lists."""
-    jobs, rule = [], None
-    for line in dry_run_output.splitlines():
-        if m := re.match(r"^(?:local)?rule (\w+):", line):
-            rule = m.group(1)
-            jobs.append((rule, ""))
-        elif rule and (m := re.match(r"^\s+wildcards: (.*)", line)):
-            jobs[-1] = (rule, m.group(1))
-    return jobs
 
 
 def test_every_output_is_there(run):
