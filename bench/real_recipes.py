@@ -243,6 +243,19 @@ def compare(theirs: Path, ours: Path) -> list[str]:
     return problems
 
 
+def final_stage(docs: list[Any]) -> str | None:
+    """The stage of a multi-document recipe that is the final model: None for the unnamed
+    document (mergekit-multi writes it to --out-path), else the named stage that no other
+    stage reads (it stays in the intermediate folder)."""
+    names = [d.get("name") for d in docs if isinstance(d, dict)]
+    if None in names:
+        return None
+    read = {plain(ref) for d in docs for ref, _ in references(d)}
+    read |= {plain(d["base_model"]) for d in docs if isinstance(d, dict) and isinstance(d.get("base_model"), str)}
+    unread = [n for n in names if n not in read]
+    return unread[-1] if unread else names[-1]
+
+
 def one_recipe(name: str, text: str, row: dict[str, str], work: Path, mergekit: Path,
                remerge: str, timeout: int) -> dict[str, Any]:
     result: dict[str, Any] = {"recipe": name, "method": row.get("merge_method", "?"),
@@ -275,8 +288,15 @@ def one_recipe(name: str, text: str, row: dict[str, str], work: Path, mergekit: 
     recipe.write_text(yaml.safe_dump_all(rewritten, sort_keys=False) if len(rewritten) > 1
                       else yaml.safe_dump(rewritten[0] if rewritten else {}, sort_keys=False))
     t0 = time.monotonic()
-    mk_rc, mk_line = run([str(mergekit / "bin" / "mergekit-yaml"), str(recipe), str(run_dir / "mergekit"),
-                          "--copy-tokenizer"], run_dir / "mergekit.log", mergekit_env(work), run_dir, timeout)
+    mk_out = run_dir / "mergekit"
+    if len(rewritten) > 1:  # several stages: mergekit-multi, the final one where it writes it
+        final = final_stage(rewritten)
+        command = [str(mergekit / "bin" / "mergekit-multi"), str(recipe), "-I", str(run_dir / "mergekit-stages")]
+        command += ["--out-path", str(mk_out)] if final is None else []
+        mk_out = mk_out if final is None else run_dir / "mergekit-stages" / final
+    else:
+        command = [str(mergekit / "bin" / "mergekit-yaml"), str(recipe), str(mk_out), "--copy-tokenizer"]
+    mk_rc, mk_line = run(command, run_dir / "mergekit.log", mergekit_env(work), run_dir, timeout)
     rm_rc, rm_line = run([remerge, "merge", str(recipe), str(run_dir / "remerge")], run_dir / "remerge.log",
                          os.environ.copy(), run_dir, timeout)
     result["seconds"] = round(time.monotonic() - t0, 1)
@@ -287,12 +307,12 @@ def one_recipe(name: str, text: str, row: dict[str, str], work: Path, mergekit: 
         return {**result, "outcome": "refused", "why": rm_line}
     if row.get("merge_method") in RANDOM_METHODS or any(
             isinstance(d, dict) and d.get("merge_method") in RANDOM_METHODS for d in docs):
-        a_rc, a_line = run([remerge, "audit", str(run_dir / "mergekit"), str(run_dir / "audit"),
+        a_rc, a_line = run([remerge, "audit", str(mk_out), str(run_dir / "audit"),
                             "--recipe", str(recipe)], run_dir / "audit.log", os.environ.copy(), run_dir, timeout)
         verdict = json.loads((run_dir / "audit" / "audit.json").read_text())["verdict"] \
             if (run_dir / "audit" / "audit.json").is_file() else a_line
         return {**result, "outcome": "random", "why": f"audit of mergekit's output: {verdict}"}
-    problems = compare(run_dir / "mergekit", run_dir / "remerge")
+    problems = compare(mk_out, run_dir / "remerge")
     return {**result, "outcome": "different" if problems else "identical", "why": "; ".join(problems)}
 
 
