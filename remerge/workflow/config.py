@@ -139,7 +139,7 @@ class MergeSpec:
 
     def models(self) -> list[str]:
         """Names the recipe uses (config models, or merges: `stages`), in recipe order, base last."""
-        names = [e["model"] for e in self.recipe["models"]]
+        names = [e["model"] for e in recipe_entries(self.recipe)]
         if self.recipe.get("base_model"):
             names.append(self.recipe["base_model"])
         return list(dict.fromkeys(names))
@@ -180,17 +180,17 @@ def render_recipe(spec: MergeSpec, models: Mapping[str, Mapping[str, Any]], poin
         if method.parameter(key).scope == "global":
             data.setdefault("parameters", {})[key] = number
             continue
-        for e in data["models"]:  # every merged model (the base too, where it is one of them)
+        for e in recipe_entries(data):  # every merged model (the base too, where it is one of them)
             if e["model"] != base or not method.uses_base:
                 e.setdefault("parameters", {})[key] = number
-    for e in data["models"]:
+    for e in recipe_entries(data):
         e["model"] = model_reference(e["model"], models[e["model"]])
     if base:
         data["base_model"] = model_reference(base, models[base])
     return dump_recipe(canonical_recipe(data))
 
 
-RECIPE_ORDER = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+RECIPE_ORDER = ("models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
 
 
 def canonical_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,14 +199,23 @@ def canonical_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
     def params(p: Any) -> Any:
         return {k: p[k] for k in sorted(p)} if isinstance(p, dict) else p
 
+    def entry(e: Mapping[str, Any]) -> dict[str, Any]:  # model, layer_range, the rest sorted
+        first = [k for k in ("model", "layer_range") if k in e]
+        rest = sorted(k for k in e if k not in first)
+        return {k: params(e[k]) if k == "parameters" else e[k] for k in first + rest}
+
+    def piece(sl: Mapping[str, Any]) -> dict[str, Any]:  # a slice: its sources, the rest sorted
+        return {"sources": [entry(e) for e in sl["sources"]],
+                **{k: params(sl[k]) if k == "parameters" else sl[k] for k in sorted(sl) if k != "sources"}}
+
     out: dict[str, Any] = {}
     for key in RECIPE_ORDER + tuple(k for k in data if k not in RECIPE_ORDER):
         if key not in data:
             continue
         if key == "models":
-            out[key] = [{**{k: v for k, v in e.items() if k != "parameters"},
-                         **({"parameters": params(e["parameters"])} if "parameters" in e else {})}
-                        for e in data[key]]
+            out[key] = [entry(e) for e in data[key]]
+        elif key == "slices":
+            out[key] = [piece(sl) for sl in data[key]]
         else:
             out[key] = params(data[key]) if key == "parameters" else data[key]
     return out
@@ -290,19 +299,44 @@ def _check_audits(audits: Mapping[str, Any], models: Mapping[str, Any], merges: 
                                   f"model name ({', '.join(models)}), a folder nor a hub id")
 
 
+def recipe_entries(recipe: Mapping[str, Any]) -> list[dict]:
+    """The recipe's model entries (`{model: NAME, parameters: ...}`): its `models:`, or the
+    `sources` of every slice of a `slices:` recipe, in order."""
+    if "models" in recipe:
+        return list(recipe["models"])
+    return [src for sl in recipe.get("slices") or () for src in sl["sources"]]
+
+
+def _check_entries(recipe: Any, where: str) -> None:
+    """A recipe lists its models under `models:` (entries `- model: NAME`) or `slices:` (each
+    with `sources:` of such entries, plus `layer_range`)."""
+    if not isinstance(recipe, dict) or not (isinstance(recipe.get("models"), list)
+                                            or isinstance(recipe.get("slices"), list)):
+        raise ConfigError(f"config error: {where}.recipe must be a mergekit recipe with `models:` "
+                          "or `slices:`")
+    if "models" in recipe and "slices" in recipe:
+        raise ConfigError(f"config error: {where}.recipe has both `models:` and `slices:`; "
+                          "mergekit takes one of them")
+    entries = [(f"models[{i}]", e) for i, e in enumerate(recipe.get("models") or [])]
+    for i, sl in enumerate(recipe.get("slices") or []):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
+            raise ConfigError(f"config error: {where}.recipe.slices[{i}]: {sl!r} is not a slice "
+                              "`- sources: [...]`")
+        entries += [(f"slices[{i}].sources[{j}]", e) for j, e in enumerate(sl["sources"])]
+    for at, e in entries:
+        if not isinstance(e, dict) or "model" not in e:
+            raise ConfigError(f"config error: {where}.recipe.{at}: {e!r} is not an entry "
+                              "`- model: NAME` (with optional `parameters:`)")
+
+
 def _check_merge(spec: MergeSpec, models: Mapping[str, Any], merges: Mapping[str, MergeSpec]) -> None:
     """One merge. Its recipe names models, or merges whose output it reads (a chain's earlier
     stage: one without a grid, and not also the name of a model)."""
     where = f"merges.{spec.name}"
     inputs = recipe_inputs(models, merges)
     recipe = spec.recipe
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("models"), list):
-        raise ConfigError(f"config error: {where}.recipe must be a mergekit recipe with `models:`")
-    for i, e in enumerate(recipe["models"]):
-        if not isinstance(e, dict) or "model" not in e:
-            raise ConfigError(f"config error: {where}.recipe.models[{i}]: {e!r} is not an entry "
-                              "`- model: NAME` (with optional `parameters:`)")
-    for ref in [e["model"] for e in recipe["models"]] + (
+    _check_entries(recipe, where)
+    for ref in [e["model"] for e in recipe_entries(recipe)] + (
         [recipe["base_model"]] if recipe.get("base_model") else []
     ):
         if ref not in inputs:
