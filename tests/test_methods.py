@@ -322,6 +322,9 @@ def test_native_ranks_are_torchs_double_argsort(dtype):
             d = x.to(dtype)
             expected = torch.argsort(d.abs(), dim=1, descending=False).argsort(dim=1)
             assert torch.equal(native.rank_rows(d, descending=False), expected.int()), (shape, kind)
+    d = (torch.randn(200, 1000, generator=g) * 0.01).to(dtype)  # rows split in two on a pool
+    with ThreadPoolExecutor(2) as pool:
+        assert torch.equal(native.rank_rows(d, False, pool), torch.argsort(d.abs(), dim=1).argsort(dim=1).int())
 
 
 @pytest.mark.parametrize("version", ["0.0.5.1", "0.1.4", "0.1.5"])

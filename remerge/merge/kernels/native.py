@@ -114,10 +114,11 @@ def zero_outside(delta: "torch.Tensor", descending: bool, lo: int, hi: int) -> b
     return rc == 0
 
 
-def rank_rows(delta: "torch.Tensor", descending: bool) -> "torch.Tensor | None":
+def rank_rows(delta: "torch.Tensor", descending: bool, pool: Any = None) -> "torch.Tensor | None":
     """Each entry's position in torch's sort of |delta| along its rows, `(rows, n)` int32:
     `torch.argsort(delta.abs(), dim=1).argsort(dim=1)`, bit for bit (the same sort replayed,
-    then inverted in one pass instead of a second sort). None where the kernel cannot do it."""
+    then inverted in one pass instead of a second sort); the rows split in two on `pool`
+    (each half with its own scratch). None where the kernel cannot do it."""
     import torch
 
     lib = library()
@@ -128,11 +129,18 @@ def rank_rows(delta: "torch.Tensor", descending: bool) -> "torch.Tensor | None":
     name, key_dtype, inf, nan_key = spec
     rows, n = delta.shape
     ranks = torch.empty((rows, n), dtype=torch.int32)
-    keys = torch.empty(n, dtype=getattr(torch, key_dtype))
-    order = torch.empty(n, dtype=torch.int32)
-    rc = getattr(lib, name + "_rank")(delta.data_ptr(), rows, n, int(descending), ranks.data_ptr(),
-                                       keys.data_ptr(), order.data_ptr(), inf, nan_key)
-    return ranks if rc == 0 else None
+    fn = getattr(lib, name + "_rank")
+
+    def run(part: tuple[int, int]) -> int:
+        first, end = part
+        keys = torch.empty(n, dtype=getattr(torch, key_dtype))
+        order = torch.empty(n, dtype=torch.int32)
+        return fn(delta[first].data_ptr(), end - first, n, int(descending), ranks[first].data_ptr(),
+                  keys.data_ptr(), order.data_ptr(), inf, nan_key)
+
+    halves = parts(rows, 2, smallest=max(1, (1 << 16) // n)) if pool is not None else [(0, rows)]
+    codes = list(pool.map(run, halves)) if len(halves) > 1 else [run(h) for h in halves]
+    return None if any(codes) else ranks
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -21,6 +21,8 @@ from remerge.lazy import lazy_import
 from remerge.merge.kernels import native
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     import torch
 
     from remerge.merge.releases import Release
@@ -148,7 +150,8 @@ def della_rows(delta: "torch.Tensor") -> "torch.Tensor":
     return delta if delta.dim() >= 2 else delta.unsqueeze(0)
 
 
-def della_probabilities(delta: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+def della_probabilities(delta: "torch.Tensor", density: float, epsilon: float,
+                        pool: "Executor | None" = None) -> "torch.Tensor":
     """DELLA's keep probability of each entry of a row: density - epsilon (smallest |delta|
     of the row) to density + epsilon (largest), linear in its rank (ties ranked by torch's
     sort, as mergekit's). In bf16 for bf16 deltas (coarse ranks, as mergekit's), else
@@ -157,7 +160,7 @@ def della_probabilities(delta: "torch.Tensor", density: float, epsilon: float) -
     if delta.shape[-1] < 2:
         raise RecipeError(f"della cannot rank rows of one element ({list(delta.shape)}); "
                           "mergekit 0.1.5 fails on such a tensor too (torch: 'Expected p_in >= 0')")
-    ranks = native.rank_rows(delta, descending=False)
+    ranks = native.rank_rows(delta, descending=False, pool=pool)
     if ranks is None:  # torch's own: the same ranks
         ranks = torch.argsort(delta.abs(), dim=1, descending=False).argsort(dim=1)
     ranks = ranks.to(work) + 1
@@ -313,7 +316,7 @@ def dare_(delta: "torch.Tensor", density: float, rule: str | None, seed: int, re
 
 
 def sparsify_(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any], rescale: bool,
-              release: "Release", seed: int) -> None:
+              release: "Release", seed: int, pool: "Executor | None" = None) -> None:
     """`sparsify` in place on a contiguous task vector, without building a mask.
 
     Dropped entries become +0 where `delta * mask` gives -0 for negative entries; every use
@@ -326,7 +329,7 @@ def sparsify_(kind: str | None, delta: "torch.Tensor", params: Mapping[str, Any]
     if kind == "random" and dare_(delta, params["density"], rule, seed, release):
         return
     if kind == "della_magprune" and delta.dtype == torch.bfloat16 and rule != "inverse_density":
-        probs = della_probabilities(della_rows(delta), params["density"], params["epsilon"])
+        probs = della_probabilities(della_rows(delta), params["density"], params["epsilon"], pool)
         if dare_(delta, params["density"], rule, seed, release, probs.reshape(delta.shape)):
             return
     if kind in ("random", "della_magprune"):

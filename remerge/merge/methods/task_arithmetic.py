@@ -246,13 +246,17 @@ def merge(steps: Steps, task: "TensorTask", inputs: "TensorInputs",
         torch.sub(inputs.model(i), base, out=deltas[i])
     kind, rescale = steps.sparsification, task.shared["rescale"]
     jobs = [(deltas[i], task.params[i], task.seeds[i]) for i in range(n)]
-    run = lambda job: sparsify_(kind, job[0], job[1], rescale, task.release, job[2])  # noqa: E731
     # A sort holds 12 bytes per element (float32 keys + int64 order): sort large tensors one
     # model at a time, so that memory stays near one tensor's working set.
     numel = base.numel()
     if kind is not None:
         del base  # not needed through the sorts: read again below
     parallel = pool is not None and SORT_BYTES_PER_ELEMENT * numel * n <= PARALLEL_SORT_BYTES
+    inner = None if parallel else pool  # one model at a time: its DELLA ranks use the pool instead
+
+    def run(job: tuple) -> None:
+        sparsify_(kind, job[0], job[1], rescale, task.release, job[2], inner)
+
     list(pool.map(run, jobs) if parallel else map(run, jobs))
     base = inputs.base() if kind is not None else base
     weights = [p["weight"] for p in task.params]
