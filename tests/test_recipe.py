@@ -57,7 +57,8 @@ def test_seed_recipe_refused_under_015():
 @pytest.mark.parametrize("text, message", [
     ("models: [{model: a}]\nmerge_method: slerpp\nbase_model: b\n", "merge_method `slerpp` is not supported.*did you mean `slerp`"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nslices: []\n", "slices"),
-    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", "tokenizer merging"),
+    ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n"
+     "tokenizer: {source: base}\n", "`tokenizer_source` and `tokenizer:` together"),
     ("models: [{model: a+lora}]\nmerge_method: ties\nbase_model: b\n", "LoRA"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtype: int8\n", "dtype `int8`"),
     ("models: [{model: a}]\nmerge_method: ties\n", "needs `base_model`"),
@@ -71,8 +72,8 @@ def test_refusals_name_the_problem(text, message):
 
 @pytest.mark.parametrize("text, message", [
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ndtpye: bfloat16\n",
-     "unknown key `dtpye` (allowed: base_model, dtype, merge_method, models, out_dtype, parameters, "
-     "slices); did you mean `dtype`?"),
+     "unknown key `dtpye` (allowed: base_model, chat_template, dtype, merge_method, models, out_dtype, "
+     "parameters, slices, tokenizer, tokenizer_source); did you mean `dtype`?"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\nint8_mask: true\n", "unknown key `int8_mask`"),
     ("models: [{model: a, paramters: {weight: 1}}]\nmerge_method: ties\nbase_model: b\n",
      "models[0]: unknown key `paramters` (allowed: model, parameters); did you mean `parameters`?"),

@@ -1,7 +1,8 @@
 """`remerge configs RECIPE MODEL_DIR`: write a merge's config/tokenizer files, or transplant another model's.
 
 config.json and the tokenizer files are mergekit's: from the base model (else the first
-model), the only model this step reads. `--transplant-from` then replaces every .json but the
+model), the only model this step reads, unless the recipe merges tokenizers or sets a chat
+template (then every model of the recipe). `--transplant-from` then replaces every .json but the
 index with that model's, as the workflow's `transplant_from` does.
 """
 
@@ -15,6 +16,7 @@ from remerge.commands import add_models_dir_option, add_version_option
 from remerge.hub.references import resolve_reference
 from remerge.merge.model_files import donor
 from remerge.merge.recipe import load_recipe
+from remerge.merge.tokenizer import writes_tokenizer
 from remerge.stages import stage_configs
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, version=args.mergekit_version)
-    source = donor(recipe)
-    folders = {source: resolve_reference(source, args.models_dir)}
+    refs = recipe.inputs if writes_tokenizer(recipe) else (donor(recipe),)
+    folders = {ref: resolve_reference(ref, args.models_dir) for ref in refs}
     donor_dir = (resolve_reference(args.transplant_from, args.models_dir)
                  if args.transplant_from is not None else None)
     args.model_dir.mkdir(parents=True, exist_ok=True)

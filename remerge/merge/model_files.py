@@ -3,7 +3,9 @@
 mergekit writes `config.json` from the base model (else the first model) with `torch_dtype`
 set to `out_dtype or dtype` and, for a `slices:` recipe, `num_hidden_layers` set to the layers
 it stacked (nothing else: a per-layer list such as `layer_types` keeps the donor's length), and
-copies the donor's tokenizer files byte for byte. The seed
+copies the donor's tokenizer files byte for byte; with a tokenizer setting or a chat template it
+writes the tokenizer with transformers instead, and config.json's `vocab_size` follows a merged
+vocabulary (`remerge.merge.tokenizer`). The seed
 merge then went one step further: every `.json` file of the merge except the index was
 replaced by the instruct model's ("config transplant"), which also brings its
 `generation_config.json` and chat template.
@@ -47,7 +49,7 @@ def _read_config(recipe: Recipe, folder: Path) -> dict:
         raise ModelError(f"model {donor(recipe)}: {path} is not valid JSON: {err}") from None
 
 
-def config_text(recipe: Recipe, folder: Path) -> str:
+def config_text(recipe: Recipe, folder: Path, vocab_size: int | None = None) -> str:
     """config.json of the merge: the donor's config with `torch_dtype = out_dtype or dtype`
     and, for slices, `num_hidden_layers = Recipe.layer_count`, serialized as the followed
     release's transformers writes it (`Release.config_json`).
@@ -58,10 +60,12 @@ def config_text(recipe: Recipe, folder: Path) -> str:
     sorted, two-space indent. "donor_keys_sorted_dtype": the same as transformers 4.56-4.57
     write it (mergekit 0.1.4): `torch_dtype` renamed `dtype`, no `_name_or_path`.
     `transformers_version` stays the donor's: mergekit's is the author's installed
-    transformers, which nothing in the merge records.
+    transformers, which nothing in the merge records. `vocab_size`: a merged vocabulary's.
     """
     dtype = recipe.out_dtype or recipe.dtype
     layers = {"num_hidden_layers": recipe.layer_count} if recipe.layer_count is not None else {}
+    if vocab_size is not None:
+        layers["vocab_size"] = vocab_size
     config = _read_config(recipe, folder)
     if recipe.release.config_json == "transformers":
         transformers = _transformers()  # outside the try: a broken install is not a bad config
@@ -143,9 +147,9 @@ def check_config(recipe: Recipe, folders: Mapping[str, str | Path]) -> None:
     config_text(recipe, folder)
 
 
-def merged_config(recipe: Recipe, folder: Path) -> dict:
+def merged_config(recipe: Recipe, folder: Path, vocab_size: int | None = None) -> dict:
     """The merge's config.json as a dict (for comparisons)."""
-    return json.loads(config_text(recipe, folder))
+    return json.loads(config_text(recipe, folder, vocab_size))
 
 
 def tokenizer_files(recipe: Recipe, src: Path) -> list[str]:
@@ -169,10 +173,16 @@ def copy_tokenizer(recipe: Recipe, src: Path, out_dir: Path) -> list[str]:
 
 
 def write_merge_files(recipe: Recipe, folders: Mapping[str, str | Path], out_dir: Path) -> list[str]:
-    """config.json and the donor's tokenizer files, as mergekit writes them; returns the names."""
+    """config.json and the tokenizer files, as mergekit writes them; returns the names."""
+    from remerge.merge.tokenizer import write_tokenizer_files, writes_tokenizer
+
     src = Path(folders[donor(recipe)])
-    written = copy_tokenizer(recipe, src, Path(out_dir))
-    write_bytes_atomic(Path(out_dir) / "config.json", config_text(recipe, src).encode())
+    vocab_size = None
+    if writes_tokenizer(recipe):
+        written, vocab_size = write_tokenizer_files(recipe, folders, Path(out_dir))
+    else:
+        written = copy_tokenizer(recipe, src, Path(out_dir))
+    write_bytes_atomic(Path(out_dir) / "config.json", config_text(recipe, src, vocab_size).encode())
     return written + ["config.json"]
 
 

@@ -60,6 +60,9 @@ class TensorPlan:
     sources: dict[str, str | None]  # model reference -> tensor name to read (None: absent)
     stored: dict[str, str]  # model reference -> safetensors dtype of that tensor (present ones)
     slice: int = 0  # the recipe slice whose parameters apply (`Recipe.output_slices`)
+    # an embedding under a tokenizer setting: how each input's rows are re-rowed for the output
+    # vocabulary before the method runs (`remerge.merge.tokenizer.vocab_layout`); None: as stored
+    vocab: dict | None = None
 
     @property
     def nbytes(self) -> int:
@@ -386,13 +389,15 @@ def _compute_dtype(recipe: Recipe, stored: Sequence[str], base_dtype: str | None
 
 
 def _check_shapes(name: str, models: Mapping[str, ModelFolder], sources: Mapping[str, str | None],
-                  anchor: str, release: Release) -> tuple[int, ...]:
-    """The tensor's shape, which every input must share with the anchor (the base)."""
+                  anchor: str, release: Release, rows: int | None = None) -> tuple[int, ...]:
+    """The tensor's shape, which every input must share with the anchor (the base); for an
+    embedding re-rowed to `rows` tokens, all but the first dimension, which becomes `rows`."""
     info = lambda ref: models[ref].info(sources[ref])  # noqa: E731
     ref0 = anchor if sources.get(anchor) else next(r for r, s in sources.items() if s)
     first = info(ref0)
+    skip = 1 if rows is not None else 0
     for ref, src in sources.items():
-        if src and info(ref).shape != first.shape:
+        if src and info(ref).shape[skip:] != first.shape[skip:]:
             what = ("refuses it" if release.shape_mismatch == "error" else
                     "left such a model out of the tensor; remerge refuses rather than change the "
                     "result quietly")
@@ -400,23 +405,26 @@ def _check_shapes(name: str, models: Mapping[str, ModelFolder], sources: Mapping
                 f"tensor {name}: shape {list(info(ref).shape)} in model {ref} ({info(ref).file}) "
                 f"differs from {list(first.shape)} in model {ref0} ({first.file}); merging needs "
                 f"identical shapes (mergekit {release.version} {what}; different vocabularies "
-                "need tokenizer merging, which remerge does not support)"
+                "need `tokenizer_source`)"
             )
-    return first.shape
+    return first.shape if rows is None else (rows, *first.shape[1:])
 
 
 def plan_tensor_layout(planned: _Planned, recipe: Recipe, models: Mapping[str, ModelFolder],
-                       arch: Architecture) -> TensorPlan:
-    """One output tensor's sources, shape and dtypes (no parameter values)."""
+                       arch: Architecture, vocab: dict | None = None) -> TensorPlan:
+    """One output tensor's sources, shape and dtypes (no parameter values); `vocab`: the
+    tokenizer's layout, which an embedding takes."""
     sources = _sources(planned, models, recipe, arch)
     anchor = recipe.base_model if recipe.base_model in sources else next(iter(sources))
-    shape = _check_shapes(planned.name, models, sources, anchor, recipe.release)
+    vocab = vocab if arch.is_embedding(planned.name) else None
+    shape = _check_shapes(planned.name, models, sources, anchor, recipe.release,
+                          vocab["size"] if vocab else None)
     stored = {ref: models[ref].info(src).dtype for ref, src in sources.items() if src}
     base_dtype = stored.get(recipe.base_model) if recipe.base_model else None
     compute = _compute_dtype(recipe, list(stored.values()), base_dtype)
     out = recipe.out_dtype or recipe.method.result_dtype(compute)
     return TensorPlan(planned.name, shape, compute, ST_NAMES[out], planned.t, sources, stored,
-                      planned.slice)
+                      planned.slice, vocab)
 
 
 def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
@@ -429,7 +437,12 @@ def plan_merge(recipe: Recipe, folders: Mapping[str, str | Path],
     arch, configs = model_architecture(models)
     layers = {ref: _num_layers(folder, configs[ref], arch) for ref, folder in models.items()}
     planned = plan_layout(recipe, models, layers, arch)
-    tensors = {p.name: plan_tensor_layout(p, recipe, models, arch) for p in planned}
+    vocab = None
+    if recipe.tokenizer is not None:  # transformers, only for a tokenizer setting
+        from remerge.merge.tokenizer import vocab_layout
+
+        vocab = vocab_layout(recipe, folders)
+    tensors = {p.name: plan_tensor_layout(p, recipe, models, arch, vocab) for p in planned}
     for folder in models.values():
         folder.close()
     # a composed input is no stored name: mergekit's scheduler labels its load "" (`schedule`)

@@ -2,9 +2,10 @@
 
 A recipe is taken verbatim (the text goes into `mergekit_config.yml` unchanged). We support
 both of mergekit's forms with one merge method: `models:` (whole models) and `slices:` (layer
-ranges of models, stacked: frankenmerges, and LazyMergekit's slerp). Anything else (`modules`,
-tokenizer merging, LoRA references, a per-slice base, methods we do not implement) is refused
-with a message, never approximated.
+ranges of models, stacked: frankenmerges, and LazyMergekit's slerp), with `tokenizer_source`,
+`tokenizer:` and `chat_template` (`remerge.merge.tokenizer`). Anything else (`modules`, LoRA
+references, a per-slice base, methods we do not implement) is refused with a message, never
+approximated.
 
 mergekit plans a `models:` recipe as one slice of every model's layers, the base appended
 when not listed (`Recipe.output_slices`); the plan and the parameters read the slices only,
@@ -31,6 +32,8 @@ import yaml
 from remerge.errors import RecipeError
 from remerge.merge.methods import MethodSpec, get_method
 from remerge.merge.releases import Release, counting_duplicates_once, get_release
+from remerge.merge.tokenizer import (TokenizerSpec, check_chat_template, check_release,
+                                     parse_tokenizer, rename_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                  "float": "float32"}
 TOP_LEVEL_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype",
-                  "out_dtype"}
+                  "out_dtype", "tokenizer_source", "tokenizer", "chat_template"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 # Keys mergekit knows that we refuse rather than approximate, with the reason.
@@ -46,11 +49,6 @@ UNSUPPORTED_KEYS = {
     "modules": "`modules:` (per-module slices, for models of several modules) is not "
     "supported; write the layers of a one-module model under `slices:`, or whole models under "
     "`models:`",
-    "tokenizer_source": "tokenizer merging is not supported (it permutes embeddings); remove "
-    "`tokenizer_source` to copy the base model's tokenizer as mergekit does by default",
-    "tokenizer": "tokenizer merging is not supported; remove the `tokenizer:` section",
-    "chat_template": "`chat_template` is not supported; transplant the instruct model's "
-    "tokenizer_config.json instead (the workflow's `transplant_from`)",
 }
 
 # A parameter value as written: scalar, gradient list, or list of {filter, value} entries.
@@ -100,6 +98,8 @@ class Recipe:
     out_dtype: str | None
     release: Release  # the mergekit release whose semantics to follow
     slices: tuple[OutputSlice, ...] | None = None  # `slices:` as listed (None: `models:`)
+    tokenizer: TokenizerSpec | None = None  # `tokenizer_source` / `tokenizer:` (None: copied)
+    chat_template: str | None = None  # as written: auto, a built-in name or a template
 
     @property
     def version(self) -> str:
@@ -164,6 +164,7 @@ class Recipe:
             entry["model"] = rename(entry["model"])
         if data.get("base_model") is not None:
             data["base_model"] = rename(data["base_model"])
+        rename_tokenizer(data, rename)
         return parse_recipe(dump_recipe(data), version=self.release.version)
 
 
@@ -210,8 +211,12 @@ def parse_recipe(text: str, version: str | None = None, strict: bool = False) ->
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
         release=get_release(),
         slices=_slices(data["slices"], strict) if sliced else None,
+        tokenizer=parse_tokenizer(data, _reference),
+        chat_template=_chat_template(data.get("chat_template")),
     )
     recipe = _with_release(recipe, version)
+    check_release(recipe)
+    check_chat_template(recipe)
     _check_inputs(recipe)
     _check_parameter_names(recipe, strict)
     if not sliced and not recipe.mergers:
@@ -420,6 +425,13 @@ def _check_setting(setting: Setting, where: str) -> None:
         f"{where}: {setting!r} is not a number, a gradient list of numbers, "
         "or a list of {filter, value} entries"
     )
+
+
+def _chat_template(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RecipeError("chat_template is `auto`, a built-in name (chatml, llama3, ...) or a Jinja "
+                          "template, as a string")
+    return value or None
 
 
 def _dtype(value: Any, key: str) -> str | None:

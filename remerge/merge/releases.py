@@ -89,6 +89,9 @@ class Release:
     card_method_names: Mapping[str, str]
     # the merge methods whose arithmetic in this release remerge reproduces
     methods: frozenset[str]
+    # `tokenizer_source`, `tokenizer:` and `chat_template` as this release does them
+    # (remerge.merge.tokenizer); False: remerge refuses them there
+    tokenizers: bool = False
 
     def shard_names(self, count: int) -> list[str]:
         """`model-0000i-of-0000K.safetensors` (1-based), or the release's lone-shard name."""
@@ -184,6 +187,7 @@ _V0_1_5 = Release(
     methods=_GTA_AND_LINEAR | {
         "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "della",
         "della_linear", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"},
+    tokenizers=True,
 )
 
 # Releases PyPI lacks that published merges name (verified=False): read from dated copies of

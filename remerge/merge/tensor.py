@@ -83,6 +83,7 @@ class TensorTask:
     compute_dtype: str  # torch name, e.g. "bfloat16"
     dtype: str  # safetensors name of the output, e.g. "BF16"
     chunk_rows: int | None = None  # rows of the first dimension computed at once; None: all
+    vocab: Mapping[str, Any] | None = None  # an embedding re-rowed for a tokenizer (`TensorPlan.vocab`)
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +131,7 @@ def plan_tensor(recipe: Recipe, tensor: TensorPlan, seed: int = 0) -> TensorTask
         models=tuple(source(ref) for ref in merged),
         params=tuple(per_model[ref] for ref in merged), shared=shared,
         seeds=tuple(tensor_seed(seed, tensor.name, recipe.inputs.index(ref)) for ref in merged),
-        compute_dtype=tensor.compute_dtype, dtype=tensor.dtype,
+        compute_dtype=tensor.compute_dtype, dtype=tensor.dtype, vocab=tensor.vocab,
     )
     task = replace(task, kernel=choose_kernel(task))
     return replace(task, chunk_rows=choose_chunk_rows(task, CHUNK_ELEMENTS))
@@ -140,7 +141,7 @@ def choose_kernel(task: TensorTask) -> str:
     """How the tensor is computed: the one place that decides it."""
     bf16 = (task.compute_dtype == "bfloat16" and task.dtype == "BF16"
             and all(s.dtype == "BF16" for s in task.sources))
-    if task.base is not None and bf16 and task.method.is_plain_difference(task):
+    if task.base is not None and bf16 and task.vocab is None and task.method.is_plain_difference(task):
         return PLAIN_DIFFERENCE
     return METHOD
 
@@ -156,7 +157,7 @@ def choose_chunk_rows(task: TensorTask, budget: int) -> int | None:
     their count is a multiple of what starts each chunk at a multiple of `CHUNK_ALIGN`
     elements, so a chunk may exceed the budget (a row longer than it: one row per chunk)."""
     numel = math.prod(task.shape)
-    if not task.shape or numel <= budget or not task.method.is_elementwise(task):
+    if not task.shape or numel <= budget or task.vocab is not None or not task.method.is_elementwise(task):
         return None
     row = numel // task.shape[0]
     step = CHUNK_ALIGN // math.gcd(row, CHUNK_ALIGN)  # rows
@@ -174,12 +175,15 @@ def chunk_ranges(task: TensorTask) -> list[Rows | None]:
 
 class TensorInputs:
     """A task's input tensors (or rows [start, stop) of them), read when the method asks for
-    them: mapped from the files (not copied; never write to them), cast to the compute dtype."""
+    them: mapped from the files (not copied; never write to them), cast to the compute dtype.
+    An embedding under a tokenizer setting (`task.vocab`) is read whole and re-rowed, every
+    input at once (a token one model lacks takes another's row)."""
 
     def __init__(self, task: TensorTask, models: Mapping[str, ModelFolder], rows: Rows | None = None):
         self.task = task
         self.folders = models
         self.rows = rows
+        self._permuted: dict[str, "torch.Tensor"] | None = None
 
     def base(self) -> "torch.Tensor":
         return self._read(self.task.base)
@@ -188,8 +192,20 @@ class TensorInputs:
         return self._read(self.task.models[i])
 
     def _read(self, src: Source) -> "torch.Tensor":
+        if self.task.vocab is not None:
+            return self._vocabulary()[src.model]
         view = self.folders[src.model].view(src.tensor, self.rows)
         return view.to(torch_dtype(self.task.compute_dtype))
+
+    def _vocabulary(self) -> dict[str, "torch.Tensor"]:
+        from remerge.merge.tokenizer import permute_embeddings
+
+        if self._permuted is None:
+            dtype = torch_dtype(self.task.compute_dtype)
+            self._permuted = permute_embeddings(
+                {s.model: self.folders[s.model].view(s.tensor).to(dtype) for s in self.task.sources},
+                self.task.vocab)
+        return self._permuted
 
 
 def merge_chunks(task: TensorTask, models: Mapping[str, ModelFolder],

@@ -265,13 +265,22 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> None:
 def expected_json(recipe, folders: Mapping[str, Path], transplant_from: Path | None) -> dict[str, Any]:
     """The json files the recipe produces: mergekit's config.json and the donor's tokenizer
     json files, then (with a transplant) every .json of the transplant donor but the index."""
+    import tempfile
+
     from remerge.merge.model_files import donor, merged_config, tokenizer_files, transplant_files
+    from remerge.merge.tokenizer import write_tokenizer_files, writes_tokenizer
 
     base = Path(folders[donor(recipe)])
-    files: dict[str, Any] = {"config.json": merged_config(recipe, base)}
-    for name in tokenizer_files(recipe, base):
-        if name.endswith(".json"):
-            files[name] = load_json(base / name)
+    if writes_tokenizer(recipe):  # written by transformers, as mergekit writes them
+        with tempfile.TemporaryDirectory(prefix="remerge-audit-tokenizer-") as tmp:
+            names, vocab_size = write_tokenizer_files(recipe, folders, Path(tmp))
+            files = {name: load_json(Path(tmp) / name) for name in names if name.endswith(".json")}
+        files["config.json"] = merged_config(recipe, base, vocab_size)
+    else:
+        files = {"config.json": merged_config(recipe, base)}
+        for name in tokenizer_files(recipe, base):
+            if name.endswith(".json"):
+                files[name] = load_json(base / name)
     if transplant_from is not None:
         for name in transplant_files(transplant_from):
             files[name] = load_json(transplant_from / name)
