@@ -589,22 +589,26 @@ def exception_line(stderr: str) -> str:
 
 
 def run_recipe(
-    root: Path, version: str, recipe: str, log_dir: Path, prefix: list
+    root: Path, version: str, recipe: str, log_dir: Path, prefix: list, *,
+    here: Path = HERE, options: list | None = None, tag: str | None = None,
 ) -> str:
+    """`mergekit-yaml recipes/<recipe>.yml` of `version` in folder `here` (tests/parity, or a
+    golden set of its own: arch/, tokenizer/), its output copied to `here/goldens/<version>/
+    <recipe>/` (or REFUSED.txt with mergekit's last error line); "ok" or "refused: <line>"."""
     exe = venv_python(root, version).parent / "mergekit-yaml"
-    dest = GOLDENS / version / recipe
+    dest = here / "goldens" / version / recipe
     with tempfile.TemporaryDirectory(prefix="remerge-parity-") as tmp:
         out = Path(tmp) / recipe  # the basename becomes the model card's title
         cmd = [
             str(exe),
             f"recipes/{recipe}.yml",
             str(out),
-            *RECIPE_OPTIONS.get(recipe, []),
+            *(RECIPE_OPTIONS.get(recipe, []) if options is None else options),
         ]
         res = subprocess.run(
-            prefix + cmd, cwd=HERE, env=run_env(root), capture_output=True, text=True
+            prefix + cmd, cwd=here, env=run_env(root), capture_output=True, text=True
         )
-        (log_dir / f"{version}__{recipe}.log").write_text(
+        (log_dir / f"{tag or version}__{recipe}.log").write_text(
             f"$ {' '.join(cmd)}\nrc={res.returncode}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}",
             encoding="utf-8",
         )
@@ -616,7 +620,7 @@ def run_recipe(
             (dest / "REFUSED.txt").write_text(
                 exception_line(res.stderr) + "\n", encoding="utf-8"
             )
-            return "refused"
+            return "refused: " + exception_line(res.stderr)
         shutil.copytree(out, dest)
         return "ok"
 

@@ -31,7 +31,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import make_goldens as mg
@@ -305,23 +304,7 @@ def build_models(out: Path) -> None:
 
 
 def run_recipe(root: Path, recipe: str, prefix: list, log_dir: Path) -> str:
-    exe = mg.venv_python(root, VERSION).parent / "mergekit-yaml"
-    dest = HERE / "goldens" / VERSION / recipe
-    with tempfile.TemporaryDirectory(prefix="remerge-tok-") as tmp:
-        out = Path(tmp) / recipe  # the basename becomes the card's title
-        cmd = [str(exe), f"recipes/{recipe}.yml", str(out)]
-        res = subprocess.run(prefix + cmd, cwd=HERE, env=mg.run_env(root), capture_output=True, text=True)
-        (log_dir / f"tokenizer__{recipe}.log").write_text(
-            f"$ {' '.join(cmd)}\nrc={res.returncode}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if res.returncode != 0:
-            dest.mkdir()
-            (dest / "REFUSED.txt").write_text(mg.exception_line(res.stderr) + "\n")
-            return "refused: " + mg.exception_line(res.stderr)
-        shutil.copytree(out, dest)
-        return "ok"
+    return mg.run_recipe(root, VERSION, recipe, log_dir, prefix, here=HERE, options=[], tag="tokenizer")
 
 
 def main(argv=None) -> int:
