@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 
@@ -29,7 +30,7 @@ def tensors(folder: Path) -> dict[str, bytes]:
     out = {}
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k).view(-1).view(__import__("torch").uint8).numpy().tobytes() for k in f.keys()})
+            out.update({k: f.get_tensor(k).view(-1).view(torch.uint8).numpy().tobytes() for k in f.keys()})
     return out
 
 
